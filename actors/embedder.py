@@ -1,0 +1,110 @@
+"""One Qwen3-Embedding replica: token ids in, normalised vectors out.
+
+Plain Python and torch, no Ray: the pipeline turns `EmbedReplica` into an actor
+pool, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.batching import padded_tokens, plan_micro_batches
+from actors.loading import ModelLoadError, load_model, load_tokenizer, resolve_device, resolve_dtype
+from actors.pooling import last_token_pool, normalize
+from actors.tokenize import arrow_to_ids
+
+VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+@dataclasses.dataclass
+class EmbedStats:
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_s: float = 0.0
+
+
+class Embedder:
+    """Runs the model on token id sequences, sorted and cut by a token budget, results in input order."""
+
+    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
+                 dimensions: int | None = None, max_batch_tokens: int = 16384, num_threads: int | None = None):
+        self.device = resolve_device(num_gpus)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
+        tok = load_tokenizer(path, revision)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.model = load_model(path, revision, self.dtype, self.device)
+        self.hidden_size = int(self.model.config.hidden_size)
+        if dimensions is not None and dimensions > self.hidden_size:
+            raise ModelLoadError(
+                f"model.dimensions={dimensions} exceeds the model's embedding size {self.hidden_size}"
+            )
+        self.dimensions = dimensions
+        self.dim = dimensions or self.hidden_size
+        self.max_batch_tokens = max_batch_tokens
+        self.stats = EmbedStats()
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        input_ids = torch.from_numpy(ids).to(self.device)
+        attention_mask = torch.from_numpy(mask).to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+
+    def embed_ids(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Vectors (float32, rows × dim) for sequences `values[offsets[i]:offsets[i+1]]`."""
+        n = len(offsets) - 1
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        lengths = np.diff(offsets)
+        todo = np.flatnonzero(lengths > 0)
+        if len(todo) == 0:
+            return out
+        started = time.perf_counter()
+        batches = [todo[b] for b in plan_micro_batches(lengths[todo], self.max_batch_tokens)]
+        for rows in batches:
+            seqs = [values[offsets[r] : offsets[r + 1]] for r in rows]
+            out[rows] = self._forward(seqs).cpu().numpy()
+        self.stats.rows += len(todo)
+        self.stats.real_tokens += int(lengths[todo].sum())
+        self.stats.padded_tokens += padded_tokens(lengths, batches)
+        self.stats.forward_s += time.perf_counter() - started
+        return out
+
+
+def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArray:
+    np_type, pa_type = VECTOR_TYPES[vector_dtype]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np_type).reshape(-1), type=pa_type)
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+class EmbedReplica:
+    """Ray Data stage (actor): a table with `input_ids` in, the same rows with `embedding` out.
+
+    Rows without tokens (rejected upstream) get a zero vector that the writer never stores.
+    """
+
+    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
+                 num_cpus: float = 1, dimensions: int | None = None, max_batch_tokens: int = 16384,
+                 vector_dtype: str = "float32"):
+        self.embedder = Embedder(path, revision, dtype=dtype, num_gpus=num_gpus, dimensions=dimensions,
+                                 max_batch_tokens=max_batch_tokens, num_threads=max(1, int(num_cpus)))
+        self.vector_dtype = vector_dtype
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        values, offsets = arrow_to_ids(table.column("input_ids"))
+        vectors = self.embedder.embed_ids(values, offsets)
+        table = table.drop_columns(["input_ids"])
+        return table.append_column("embedding", vectors_to_arrow(vectors, self.vector_dtype))

@@ -1,0 +1,96 @@
+"""Tokenisation for the embedding recipe, run in CPU tasks ahead of the model replicas.
+
+Truncation is the tokenizer's own: Qwen3-Embedding's post-processor appends
+`<|endoftext|>` and `max_length` is counted with it, so the end token that
+pooling reads survives truncation exactly as in the model card's recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+
+from actors.loading import load_tokenizer
+from actors.prompts import format_texts
+
+
+class TextTokenizer:
+    """Texts → token ids (with the model's special tokens), lengths and truncation flags."""
+
+    def __init__(self, path: str, revision: str | None, max_length: int, instruction: str | None):
+        self.instruction = instruction
+        self.max_length = max_length
+        tok = load_tokenizer(path, revision)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+        self._backend.no_padding()
+        self._backend.enable_truncation(max_length=max_length)
+
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
+        encodings = self._backend.encode_batch(format_texts(texts, self.instruction), add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return ids, truncated
+
+
+def ids_to_arrow(ids: list[list[int]]) -> pa.ListArray:
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def arrow_to_ids(column: pa.ChunkedArray | pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat token values and row offsets of a list<int32> column, without per-row Python."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    base = offsets[0]
+    return values[base : offsets[-1]], offsets - base
+
+
+class TokenizeBatch:
+    """Ray Data stage (CPU): adds `input_ids`, `n_tokens`, `truncated`; drops the text column.
+
+    Rejected rows (non-null `_reject`) get no tokens.
+    """
+
+    def __init__(self, path: str, revision: str | None, max_length: int, instruction: str | None,
+                 text_column: str = "text"):
+        self.tokenizer = TextTokenizer(path, revision, max_length, instruction)
+        self.text_column = text_column
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        texts = table.column(self.text_column).to_pylist()
+        rejected = table.column("_reject").is_valid().to_numpy(zero_copy_only=False)
+        keep = [i for i in range(len(texts)) if not rejected[i]]
+        ids: list[list[int]] = [[] for _ in texts]
+        truncated = np.zeros(len(texts), dtype=bool)
+        if keep:
+            enc, trunc = self.tokenizer.encode([texts[i] for i in keep])
+            for i, e in zip(keep, enc):
+                ids[i] = e
+            truncated[keep] = trunc
+        arr = ids_to_arrow(ids)
+        n_tokens = np.diff(arr.offsets.to_numpy()).astype(np.int32)
+        table = table.drop_columns([self.text_column])
+        return (
+            table.append_column("input_ids", arr)
+            .append_column("n_tokens", pa.array(n_tokens))
+            .append_column("truncated", pa.array(truncated))
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenize_batch(path: str, revision: str | None, max_length: int,
+                           instruction: str | None) -> TokenizeBatch:
+    return TokenizeBatch(path, revision, max_length, instruction)
+
+
+def tokenize_batch(table: pa.Table, *, path: str, revision: str | None, max_length: int,
+                   instruction: str | None) -> pa.Table:
+    """Task-friendly form of `TokenizeBatch`: the tokenizer is built once per worker process."""
+    return _cached_tokenize_batch(path, revision, max_length, instruction)(table)

@@ -1,0 +1,121 @@
+"""`embedrank` command line: embed, verify, demo.
+
+User mistakes (bad config, unreadable input, refused output) print one clear
+message and exit 2; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from pipelines.errors import EmbedrankError
+
+USER_ERROR_EXIT = 2
+
+
+def _user_error(exc: BaseException) -> EmbedrankError | None:
+    """Find an EmbedrankError behind Ray's wrappers (RayTaskError.cause, __cause__, __context__)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EmbedrankError):
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, EmbedrankError) else e
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def _parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise EmbedrankError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.embed_job import run_embed
+
+    cfg = load_config(args.config, args.set)
+    summary = run_embed(cfg, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.verify import verify_output
+
+    report = verify_output(args.output, _parse_storage_options(args.storage_option))
+    print(json.dumps(report.counts, sort_keys=True))
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print("invariant holds" if report.ok else f"invariant VIOLATED ({len(report.problems)} problem(s))")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.workdir, rows=args.rows, config=args.config, overrides=args.set)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedrank", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="embed a corpus into committed Parquet vectors (resumable)")
+    embed.add_argument("config", help="YAML job config")
+    embed.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set output.path=s3://bucket/v1 (repeatable)")
+    embed.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no output")
+    embed.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    embed.set_defaults(func=cmd_embed)
+
+    verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
+    verify.add_argument("output", help="output root (local path or fsspec URL)")
+    verify.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for the output filesystem (repeatable)")
+    verify.set_defaults(func=cmd_verify)
+
+    demo = sub.add_parser("demo", help="generate a sample corpus and run the demo job end to end on local Ray")
+    demo.add_argument("--workdir", default=".demo", help="where the corpus, model and output go")
+    demo.add_argument("--rows", type=int, default=2000, help="documents in the sample corpus")
+    demo.add_argument("--config", default=None, help="job config (default: configs/demo.yaml)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become messages, the rest re-raise
+        user = _user_error(exc)
+        if user is None:
+            raise
+        print(f"embedrank: error: {user}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

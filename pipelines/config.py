@@ -1,0 +1,169 @@
+"""The job config schema: typed, strict, validated before any work starts.
+
+YAML files only fill the schema in; `--set a.b=c` overrides edit the loaded
+mapping before validation, so an override is checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import EmbedrankError
+
+
+class ConfigError(EmbedrankError, ValueError):
+    """A user mistake in a config file or an override; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Strict):
+    paths: list[str] = Field(
+        min_length=1,
+        description="Globs of input shards: local paths, s3://…, or any fsspec URL. "
+        "A directory means every file of the input format under it.",
+    )
+    format: Literal["parquet", "jsonl"] = Field("parquet", description="File format of every input shard.")
+    id_column: str | None = Field(
+        None, description="Column holding document ids; null makes ids `<relative path>:<row>`."
+    )
+    text_column: str = Field("text", description="Column holding the text to embed.")
+    passthrough_columns: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged into every output row."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the input filesystem (e.g. endpoint_url). Credentials come from "
+        "the standard AWS chain or the environment and are never required here; never recorded.",
+    )
+    rows_per_item: int = Field(
+        50_000,
+        gt=0,
+        description="Target rows per work item; Parquet files are split at row-group boundaries. "
+        "A work item is the unit of commit and of resume.",
+    )
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Hugging Face hub id or local directory of a Qwen3-Embedding model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dimensions: int | None = Field(
+        None, gt=0, description="MRL: keep the first N dimensions, then re-normalise; null = full size."
+    )
+    instruction: str | None = Field(
+        None,
+        description="Task instruction. Null embeds documents as they are; when set every text is a "
+        "query and is formatted `Instruct: {instruction}\\nQuery:{text}`.",
+    )
+    max_length: int = Field(8192, ge=2, description="Tokens per text, the appended end token included.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        gt=0,
+        description="Token budget of one forward pass, padding counted (rows × longest row).",
+    )
+
+
+class OutputConfig(_Strict):
+    path: str = Field(description="Output root (local path or fsspec URL); holds data/, _commits/, _rejects/.")
+    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for the output filesystem; null = the input's. Never recorded."
+    )
+
+
+class ComputeConfig(_Strict):
+    min_replicas: int = Field(1, ge=1, description="Smallest size of the model actor pool.")
+    max_replicas: int = Field(1, ge=1, description="Largest size of the model actor pool (autoscaled).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per model replica; 0 runs on CPU.")
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
+    batch_rows: int = Field(
+        256, gt=0, description="Rows handed to a replica per call; sorted and cut by the token budget inside."
+    )
+    io_num_cpus: float = Field(
+        0.25, gt=0, description="CPUs reserved per read, tokenize and write task."
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ComputeConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is smaller than min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class RunConfig(_Strict):
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."
+    )
+
+
+class EmbedJobConfig(_Strict):
+    input: InputConfig = Field(description="Where the corpus is and how to read it.")
+    model: ModelConfig = Field(description="The embedding model and its semantics.")
+    output: OutputConfig = Field(description="Where committed vectors go.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
+
+    @property
+    def output_storage_options(self) -> dict[str, Any]:
+        opts = self.output.storage_options
+        return dict(self.input.storage_options if opts is None else opts)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, null, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set output.path=s3://bucket/v1")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from None
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...] = ()) -> EmbedJobConfig:
+    """Read YAML, apply overrides, validate; every failure is a ConfigError naming the file and field."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (input, model, output, …)")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    try:
+        return EmbedJobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None

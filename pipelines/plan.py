@@ -1,0 +1,137 @@
+"""Planning: input shards → deterministic work items, the unit of commit and resume.
+
+A work item is `(file, row_start, row_end)` with an id hashed from the file's
+relative path, version and the range, so the same input always plans the same
+items. Parquet footers give row counts and let big files split at row-group
+boundaries; JSONL files are one item each and their row count is learnt when read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import InputConfig
+from pipelines.errors import InputError
+from pipelines.storage import InputFile, expand_inputs, open_input
+
+BYTES_PER_TOKEN = 4.0
+EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    item_id: str
+    url: str
+    rel: str
+    format: str
+    row_start: int
+    row_end: int | None
+    row_groups: tuple[int, int] | None
+    est_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["row_groups"] = list(self.row_groups) if self.row_groups else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkItem":
+        d = dict(d)
+        d["row_groups"] = tuple(d["row_groups"]) if d.get("row_groups") else None
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    files: list[InputFile]
+    items: list[WorkItem]
+
+    @property
+    def known_rows(self) -> int:
+        return sum(i.row_end - i.row_start for i in self.items if i.row_end is not None)
+
+    @property
+    def unknown_row_items(self) -> int:
+        return sum(1 for i in self.items if i.row_end is None)
+
+    @property
+    def est_tokens(self) -> int:
+        return sum(i.est_tokens for i in self.items)
+
+    def describe(self) -> str:
+        rows = f"{self.known_rows:,}"
+        if self.unknown_row_items:
+            rows += f" (+ {self.unknown_row_items} JSONL item(s) counted when read)"
+        return (
+            f"plan: {len(self.files)} file(s), {len(self.items)} work item(s), {rows} rows, "
+            f"≈{self.est_tokens:,} tokens (estimated at {BYTES_PER_TOKEN:g} bytes/token)"
+        )
+
+
+def _item_id(f: InputFile, start: int, end: int | None) -> str:
+    key = f"{f.rel}\x00{f.size}\x00{f.version}\x00{start}\x00{end}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: InputConfig) -> None:
+    wanted = [cfg.text_column, *([cfg.id_column] if cfg.id_column else []), *cfg.passthrough_columns]
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"{f.url}: column(s) {missing} not found (file has {schema.names}); "
+            "check input.text_column / input.id_column / input.passthrough_columns"
+        )
+    text_type = schema.field(cfg.text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        raise InputError(f"{f.url}: text column {cfg.text_column!r} has type {text_type}, expected string")
+
+
+def _plan_parquet(f: InputFile, cfg: InputConfig) -> list[WorkItem]:
+    try:
+        with open_input(f.url, cfg.storage_options) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except PermissionError as exc:
+        raise InputError(f"{f.url}: access denied ({exc})") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{f.url}: not a readable Parquet file ({exc})") from None
+    schema = meta.schema.to_arrow_schema()
+    _check_parquet_schema(f, schema, cfg)
+    text_idx = schema.get_field_index(cfg.text_column)
+
+    items: list[WorkItem] = []
+    g_start, row_start, rows, text_bytes = 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        rows += rg.num_rows
+        text_bytes += rg.column(text_idx).total_uncompressed_size if text_idx < rg.num_columns else 0
+        if rows >= cfg.rows_per_item or g == meta.num_row_groups - 1:
+            end = row_start + rows
+            items.append(
+                WorkItem(_item_id(f, row_start, end), f.url, f.rel, "parquet", row_start, end,
+                         (g_start, g + 1), int(text_bytes / BYTES_PER_TOKEN))
+            )
+            g_start, row_start, rows, text_bytes = g + 1, end, 0, 0
+    if not items:
+        items.append(WorkItem(_item_id(f, 0, 0), f.url, f.rel, "parquet", 0, 0, (0, 0), 0))
+    return items
+
+
+def _plan_jsonl(f: InputFile) -> list[WorkItem]:
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN))]
+
+
+def make_plan(cfg: InputConfig, max_workers: int = 16) -> Plan:
+    """List, sort and split the input into work items; reads only listings and Parquet footers."""
+    files = expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options)
+    if cfg.format == "parquet":
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))
+    else:
+        per_file = [_plan_jsonl(f) for f in files]
+    return Plan(files=files, items=[item for items in per_file for item in items])

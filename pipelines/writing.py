@@ -1,0 +1,89 @@
+"""Writing pieces: each contiguous run of one item's rows becomes one data file (and one rejects file).
+
+File names carry the item, the row range and a content hash, so a re-executed
+task either rewrites identical bytes under the same name or writes a new name;
+a committed file is never overwritten with different content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from pipelines.storage import Storage
+
+DATA_DIR = "data"
+REJECTS_DIR = "_rejects"
+INTERNAL = ("_item", "_row", "_item_rows", "_reject")
+FINGERPRINT_KEY = b"embedrank.fingerprint"
+
+PIECE_SCHEMA = pa.schema([
+    ("item", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("item_rows", pa.int64()),
+    ("data_file", pa.string()), ("data_rows", pa.int64()), ("data_sha256", pa.string()),
+    ("data_bytes", pa.int64()), ("reject_file", pa.string()), ("reject_rows", pa.int64()),
+    ("reject_sha256", pa.string()), ("reject_reasons", pa.string()), ("tokens", pa.int64()),
+])
+
+
+def _parquet_bytes(table: pa.Table, fingerprint_json: str) -> bytes:
+    meta = dict(table.schema.metadata or {})
+    meta[FINGERPRINT_KEY] = fingerprint_json.encode()
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _put(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str):
+    data = _parquet_bytes(table, fingerprint_json)
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{folder}/{stem}-{digest[:12]}.parquet"
+    storage.write_bytes(rel, data)
+    return rel, digest, len(data)
+
+
+def _runs(items: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) slices of the batch where the item is the same and row numbers are consecutive."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero((items[1:] != items[:-1]) | (rows[1:] != rows[:-1] + 1)) + 1
+    bounds = np.concatenate([[0], breaks, [len(rows)]])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str]) -> pa.Table:
+    """Write every run of the batch as pieces; return one record per piece for the driver's commit loop."""
+    fingerprint_json = json.dumps(fingerprint, sort_keys=True)
+    table = table.sort_by([("_item", "ascending"), ("_row", "ascending")])
+    items = np.asarray(table.column("_item").to_numpy(zero_copy_only=False))
+    rows = table.column("_row").to_numpy()
+    records = []
+    for lo, hi in _runs(items, rows):
+        run = table.slice(lo, hi - lo)
+        item, first, last = str(items[lo]), int(rows[lo]), int(rows[hi - 1])
+        stem = f"{item}-{first}-{last}"
+        rejected = run.column("_reject").is_valid()
+        good = run.filter(pa.compute.invert(rejected))
+        bad = run.filter(rejected)
+        record = {"item": item, "start": first, "end": last + 1,
+                  "item_rows": int(run.column("_item_rows")[0].as_py()),
+                  "data_file": None, "data_rows": 0, "data_sha256": None, "data_bytes": 0,
+                  "reject_file": None, "reject_rows": 0, "reject_sha256": None, "reject_reasons": None,
+                  "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
+        if good.num_rows:
+            rel, digest, size = _put(storage, DATA_DIR, stem, good.select(output_columns), fingerprint_json)
+            record.update(data_file=rel, data_rows=good.num_rows, data_sha256=digest, data_bytes=size)
+        if bad.num_rows:
+            rej = pa.table({"id": bad.column("id"), "row": bad.column("_row"), "reason": bad.column("_reject"),
+                            "item": bad.column("_item")})
+            rel, digest, _ = _put(storage, REJECTS_DIR, stem, rej, fingerprint_json)
+            reasons = pa.compute.value_counts(bad.column("_reject")).to_pylist()
+            record.update(reject_file=rel, reject_rows=bad.num_rows, reject_sha256=digest,
+                          reject_reasons=json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True))
+        records.append(record)
+    return pa.Table.from_pylist(records, schema=PIECE_SCHEMA)
