@@ -1,0 +1,1 @@
+"""Ray-free building blocks used by the embedrank pipelines."""

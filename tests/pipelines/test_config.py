@@ -1,0 +1,80 @@
+"""Config loading: YAML fills a strict schema, --set overrides, errors name file and field."""
+
+import pathlib
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MINIMAL = """
+input: {paths: ["/data/*.parquet"]}
+model: {path: Qwen/Qwen3-Embedding-0.6B}
+output: {path: /out}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_of_the_public_keys(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.input.format == "parquet" and cfg.input.id_column is None and cfg.input.text_column == "text"
+    assert cfg.model.max_length == 8192 and cfg.model.dtype == "auto" and cfg.model.dimensions is None
+    assert cfg.model.instruction is None and cfg.output.vector_dtype == "float32"
+    assert (cfg.compute.min_replicas, cfg.compute.max_replicas, cfg.compute.num_gpus) == (1, 1, 0)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["output.path=s3://b/v1", "model.dimensions=256",
+                                                 "compute.max_replicas=4", "model.instruction=null",
+                                                 "input.paths=[a.parquet, b.parquet]"])
+    assert cfg.output.path == "s3://b/v1" and cfg.model.dimensions == 256 and cfg.compute.max_replicas == 4
+    assert cfg.input.paths == ["a.parquet", "b.parquet"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.dimensions=0", "model.dimensions"),
+    ("input.format=csv", "input.format"),
+    ("model.dtype=int8", "model.dtype"),
+    ("output.vector_dtype=float64", "output.vector_dtype"),
+    ("model.pathz=x", "model.pathz"),
+    ("compute.min_replicas=3", "compute"),
+])
+def test_errors_name_the_file_and_the_field(tmp_path, override, field):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_missing_required_sections_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="model: Field required"):
+        load_config(write(tmp_path, "input: {paths: [x]}\noutput: {path: o}\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "input: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(write(tmp_path, MINIMAL), ["output.path"])
+
+
+def test_every_field_is_described():
+    from pipelines.config import EmbedJobConfig
+
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(EmbedJobConfig)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "backfill.yaml"])
+def test_shipped_configs_validate(name):
+    load_config(REPO / "configs" / name)
