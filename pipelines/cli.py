@@ -12,13 +12,27 @@ import os
 import sys
 from typing import Any, Callable
 
+import re
+
+from pipelines import errors
 from pipelines.errors import EmbedrankError
 
 USER_ERROR_EXIT = 2
+_REMOTE_ERROR = re.compile(r"^pipelines\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _from_remote_text(exc: BaseException) -> EmbedrankError | None:
+    """Ray reports an actor constructor's exception only as text (ActorDiedError); recover it from there."""
+    found = _REMOTE_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, EmbedrankError)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, EmbedrankError) else EmbedrankError(message)
 
 
 def _user_error(exc: BaseException) -> EmbedrankError | None:
-    """Find an EmbedrankError behind Ray's wrappers (RayTaskError.cause, __cause__, __context__)."""
+    """Find an EmbedrankError behind Ray's wrappers (RayTaskError.cause, __cause__, __context__, text)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -30,7 +44,7 @@ def _user_error(exc: BaseException) -> EmbedrankError | None:
             cause = getattr(e, "cause", None)
             return cause if isinstance(cause, EmbedrankError) else e
         todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
+    return _from_remote_text(exc)
 
 
 def _parse_storage_options(pairs: list[str]) -> dict[str, Any]:

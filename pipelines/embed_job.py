@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from typing import Any, TextIO
 
 from pipelines.commit import Committer, OutputRoot
 from pipelines.config import EmbedJobConfig
-from pipelines.errors import OutputError
+from pipelines.errors import ModelLoadError, OutputError
 from pipelines.fingerprint import embed_fingerprint, fingerprint_id
 from pipelines.plan import Plan, make_plan
 from pipelines.progress import Progress
@@ -30,6 +32,22 @@ def _commit_empty_jsonl(committer: Committer, cfg: EmbedJobConfig) -> list[dict[
     return done
 
 
+def preflight_model(cfg: EmbedJobConfig) -> None:
+    """Checks that need no Ray: a local model directory exists and fits the requested dimensions."""
+    path = cfg.model.path
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")):
+            raise ModelLoadError(f"model.path {path!r} is not a model directory")
+        return
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ModelLoadError(f"model.path {path!r} has no config.json")
+    with open(config_file) as fh:
+        hidden = json.load(fh).get("hidden_size")
+    if cfg.model.dimensions and hidden and cfg.model.dimensions > hidden:
+        raise ModelLoadError(f"model.dimensions={cfg.model.dimensions} exceeds the model's embedding size {hidden}")
+
+
 def _totals(commits: dict[str, dict], wall_s: float) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for c in commits.values():
@@ -40,7 +58,10 @@ def _totals(commits: dict[str, dict], wall_s: float) -> dict[str, Any]:
             "tokens": sum(c["tokens"] for c in commits.values()), "wall_s": round(wall_s, 3)}
 
 
-def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO = sys.stderr) -> dict[str, Any]:
+def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) one embedding job; returns its summary. Progress and summary go to `stream`."""
+    stream = stream or sys.stderr
+    preflight_model(cfg)
     plan: Plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     if dry_run:

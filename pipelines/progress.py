@@ -18,12 +18,12 @@ class Progress:
     """Counts committed work and prints a rate/ETA line at most every `interval` seconds."""
 
     def __init__(self, total_items: int, done_items: int, known_rows: int, interval: float,
-                 stream: TextIO = sys.stderr, label: str = "embed"):
+                 stream: TextIO | None = None, label: str = "embed"):
         self.total_items = total_items
         self.done_items = done_items
         self.known_rows = known_rows
         self.interval = interval
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.label = label
         self.items = self.rows = self.rejected = self.tokens = 0
         self.started = self._last = time.monotonic()

@@ -1,0 +1,27 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel first, so that no dependency pulls a multi-GB CUDA build of torch.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.embedrank-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/embedrank demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

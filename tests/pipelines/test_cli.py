@@ -1,0 +1,95 @@
+"""The command line: clear errors without tracebacks, dry runs that touch nothing, verify's exit code."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+
+CONFIG = """
+input: {{paths: ["{corpus}/*.parquet"], id_column: doc_id, rows_per_item: 10}}
+model: {{path: "{model}", max_length: 32}}
+output: {{path: "{out}"}}
+compute: {{batch_rows: 16}}
+"""
+
+
+@pytest.fixture
+def local_job(tmp_path, tiny_embedding_model):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(25)], "text": [f"doc {i}" for i in range(25)]}),
+                   corpus / "a.parquet", row_group_size=10)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(CONFIG.format(corpus=corpus, model=tiny_embedding_model, out=tmp_path / "out"))
+    return cfg, tmp_path / "out"
+
+
+def test_dry_run_prints_the_plan_and_touches_no_output(local_job, capsys):
+    cfg, out = local_job
+    assert main(["embed", str(cfg), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: 1 file(s), 3 work item(s), 25 rows" in err and "tokens" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dimension=3", "model.dimension: Extra inputs are not permitted"),
+    ("input.paths=[/nonexistent/*.parquet]", "'/nonexistent/*.parquet' matches no file"),
+    ("input.text_column=body", "column(s) ['body'] not found"),
+])
+def test_user_mistakes_exit_2_with_one_clear_line(local_job, capsys, override, message):
+    cfg, out = local_job
+    assert main(["embed", str(cfg), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_console_script_reports_config_errors_without_traceback(local_job):
+    cfg, _ = local_job
+    script = pathlib.Path(sys.executable).parent / "embedrank"
+    proc = subprocess.run([str(script), "embed", str(cfg), "--set", "compute.max_replicas=0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 2
+    assert "compute.max_replicas: Input should be greater than or equal to 1" in proc.stderr
+    assert str(cfg) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_mismatches_are_caught_before_any_work(local_job, capsys):
+    cfg, out = local_job
+    assert main(["embed", str(cfg), "--set", "model.dimensions=4096"]) == 2
+    assert "model.dimensions=4096 exceeds the model's embedding size 64" in capsys.readouterr().err
+    assert main(["embed", str(cfg), "--set", f"model.path={out.parent}"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_errors_from_remote_actors_are_recovered_from_rays_text():
+    from pipelines.cli import _user_error
+    from pipelines.errors import ModelLoadError
+
+    remote = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
+                          "pipelines.errors.ModelLoadError: model.path 'm': cannot load model (boom)")
+    found = _user_error(remote)
+    assert isinstance(found, ModelLoadError) and str(found) == "model.path 'm': cannot load model (boom)"
+    assert _user_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.integration
+def test_verify_exit_code_follows_the_invariant(ray_local, local_job, capsys):
+    cfg, out = local_job
+    assert main(["embed", str(cfg)]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "invariant holds" in capsys.readouterr().out
+    victim = sorted((out / "data").iterdir())[0]
+    table = pq.read_table(victim)
+    pq.write_table(table.slice(1), victim)
+    assert main(["verify", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "checksum differs" in report and "invariant VIOLATED" in report
