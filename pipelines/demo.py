@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import socket
 import sys
+import urllib.parse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,9 +53,17 @@ def write_sample_corpus(folder: pathlib.Path, rows: int, shards: int = 3, seed: 
     return paths
 
 
-def hub_reachable(model_id: str, timeout: float = 5.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.path.isdir(model_id):
-        return os.path.isdir(model_id)
+def hub_reachable(model_id: str, timeout: float = 3.0) -> bool:
+    """Whether `model_id` can be used: a local directory, or a hub id the hub answers for."""
+    if os.path.isdir(model_id):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
     try:
         from huggingface_hub import hf_hub_download
 

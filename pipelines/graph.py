@@ -1,8 +1,12 @@
 """The one place that builds Ray Data graphs.
 
-embed: planned items → read (CPU tasks) → tokenize (CPU tasks) → embed (actor
-pool of model replicas, autoscaled min..max) → write pieces (CPU tasks). The
-driver consumes the piece records and commits (see `pipelines.commit`).
+embed: planned items → read + tokenize (CPU tasks, one work item each) → embed
+(actor pool of model replicas, autoscaled min..max) → write pieces (CPU tasks).
+The driver consumes the piece records and commits (see `pipelines.commit`).
+
+Reading and tokenising are one stage on purpose: Ray Data would fuse them anyway,
+and a fused stage takes the larger batch size, which bundles many items into one
+task so that nothing could commit until the whole corpus was through.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from pipelines.writing import write_pieces
 EMBED_OUTPUT_BASE = ["id", "embedding", "n_tokens", "truncated"]
 
 
+def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
+    """One planned item in, its rows out with token ids (rejected rows carry none)."""
+    return tokenize_batch(read_items(batch, cfg), **tokenizer)
+
+
 def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage,
                       fingerprint: dict[str, Any]):
     import ray.data
@@ -28,11 +37,10 @@ def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Stora
     m, c = cfg.model, cfg.compute
     ds = ray.data.from_items([{"item": json.dumps(i.to_dict())} for i in items],
                              override_num_blocks=len(items))
-    ds = ds.map_batches(read_items, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=c.io_num_cpus)
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=c.batch_rows, num_cpus=c.io_num_cpus,
-                        fn_kwargs={"path": m.path, "revision": m.revision, "max_length": m.max_length,
-                                   "instruction": m.instruction})
+    ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
+                        fn_kwargs={"cfg": cfg.input, "tokenizer": {"path": m.path, "revision": m.revision,
+                                                                   "max_length": m.max_length,
+                                                                   "instruction": m.instruction}})
     ds = ds.map_batches(
         EmbedReplica,
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,

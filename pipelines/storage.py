@@ -85,6 +85,7 @@ class Storage:
     def list_files(self, rel_dir: str) -> list[str]:
         """Every file under `rel_dir`, as sorted paths relative to the root ([] if absent)."""
         base = self.path(rel_dir)
+        self.fs.invalidate_cache(base)
         if not self.fs.exists(base):
             return []
         found = self.fs.find(base)
