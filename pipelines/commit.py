@@ -20,9 +20,10 @@ from pipelines.fingerprint import describe_difference
 from pipelines.plan import WorkItem
 from pipelines.storage import Storage
 from pipelines.tiling import find_tiling
-from pipelines.writing import DATA_DIR, REJECTS_DIR
+from pipelines.writing import PIECE_DIRS
 
 COMMITS_DIR = "_commits"
+RANK_COMMITS_DIR = "_rank_commits"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
 
@@ -90,9 +91,26 @@ class OutputRoot:
         self.remove_orphans(commits)
         return commits
 
+    def read_rank_commits(self) -> dict[str, dict]:
+        names = [p.rsplit("/", 1)[-1][: -len(".json")] for p in self.storage.list_files(RANK_COMMITS_DIR)
+                 if p.endswith(".json")]
+        found = {n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json") for n in names}
+        return {n: c for n, c in found.items() if c is not None}
+
+    def drop_rank_commits(self) -> int:
+        """Ranks depend on every score: new scores invalidate them (their files become orphans)."""
+        stale = self.storage.list_files(RANK_COMMITS_DIR)
+        self.storage.delete(stale)
+        return len(stale)
+
+    def write_rank_commit(self, bucket: str, record: dict[str, Any]) -> None:
+        self.storage.write_bytes(f"{RANK_COMMITS_DIR}/{bucket}.json", _dumps(record))
+
     def remove_orphans(self, commits: dict[str, dict]) -> list[str]:
-        named = {f["path"] for c in commits.values() for f in c["files"] + c["rejects"]}
-        present = self.storage.list_files(DATA_DIR) + self.storage.list_files(REJECTS_DIR)
+        """Delete piece files that neither an item commit nor a rank commit names."""
+        all_commits = list(commits.values()) + list(self.read_rank_commits().values())
+        named = {f["path"] for c in all_commits for f in c["files"] + c["rejects"]}
+        present = [p for d in PIECE_DIRS for p in self.storage.list_files(d)]
         orphans = [p for p in present if p not in named]
         self.storage.delete(orphans)
         return orphans

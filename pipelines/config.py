@@ -6,8 +6,9 @@ mapping before validation, so an override is checked exactly like the file.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,20 +24,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InputConfig(_Strict):
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One column a stage needs: `role` names it downstream; `kind` says how a bad value is rejected.
+
+    `id` fields must be non-null (cast to string); `text` fields must be non-empty strings.
+    An id field with no column gets generated ids `<relative path>:<row>`.
+    """
+
+    role: str
+    column: str | None
+    kind: Literal["id", "text"]
+
+
+class SourceConfig(_Strict):
+    """Files of one corpus and how to read them; subclasses say which columns they need."""
+
     paths: list[str] = Field(
         min_length=1,
         description="Globs of input shards: local paths, s3://…, or any fsspec URL. "
         "A directory means every file of the input format under it.",
     )
     format: Literal["parquet", "jsonl"] = Field("parquet", description="File format of every input shard.")
-    id_column: str | None = Field(
-        None, description="Column holding document ids; null makes ids `<relative path>:<row>`."
-    )
-    text_column: str = Field("text", description="Column holding the text to embed.")
-    passthrough_columns: list[str] = Field(
-        default_factory=list, description="Input columns copied unchanged into every output row."
-    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for the input filesystem (e.g. endpoint_url). Credentials come from "
@@ -48,6 +57,30 @@ class InputConfig(_Strict):
         description="Target rows per work item; Parquet files are split at row-group boundaries. "
         "A work item is the unit of commit and of resume.",
     )
+
+    def fields(self) -> list[FieldSpec]:
+        raise NotImplementedError
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return []
+
+
+class InputConfig(SourceConfig):
+    id_column: str | None = Field(
+        None, description="Column holding document ids; null makes ids `<relative path>:<row>`."
+    )
+    text_column: str = Field("text", description="Column holding the text to embed.")
+    passthrough_columns: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged into every output row."
+    )
+
+    def fields(self) -> list[FieldSpec]:
+        return [FieldSpec("id", self.id_column, "id"), FieldSpec("text", self.text_column, "text")]
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return list(self.passthrough_columns)
 
 
 class ModelConfig(_Strict):
@@ -121,6 +154,85 @@ class EmbedJobConfig(_Strict):
         return dict(self.input.storage_options if opts is None else opts)
 
 
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class RerankInputConfig(SourceConfig):
+    query_id_column: str = Field("query_id", description="Column holding query ids.")
+    query_column: str = Field("query", description="Column holding query texts.")
+    doc_id_column: str = Field("doc_id", description="Column holding candidate document ids.")
+    text_column: str | None = Field(
+        "text", description="Column holding candidate document texts; null when `documents` supplies them."
+    )
+
+    def fields(self) -> list[FieldSpec]:
+        fields = [FieldSpec("query_id", self.query_id_column, "id"), FieldSpec("query", self.query_column, "text"),
+                  FieldSpec("doc_id", self.doc_id_column, "id")]
+        return fields + ([FieldSpec("text", self.text_column, "text")] if self.text_column else [])
+
+
+class DocumentsConfig(SourceConfig):
+    id_column: str = Field("doc_id", description="Column holding document ids (joined with input.doc_id_column).")
+    text_column: str = Field("text", description="Column holding document texts.")
+
+    def fields(self) -> list[FieldSpec]:
+        return [FieldSpec("doc_id", self.id_column, "id"), FieldSpec("text", self.text_column, "text")]
+
+
+class RerankModelConfig(_Strict):
+    path: str = Field(description="Hugging Face hub id or local directory of a Qwen3-Reranker model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    instruction: str = Field(DEFAULT_RERANK_INSTRUCTION, description="Task instruction of the `<Instruct>:` line.")
+    max_length: int = Field(8192, ge=64, description="Tokens per pair, template included; documents are cut.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Token budget of one forward pass, padding counted (rows × longest row)."
+    )
+    share_prefix: bool = Field(
+        True, description="Compute each query's shared prompt prefix once and reuse its KV cache."
+    )
+
+
+class RerankOutputConfig(_Strict):
+    path: str = Field(description="Output root (local path or fsspec URL).")
+    top_k: int | None = Field(None, gt=0, description="Keep only the best k candidates per query; null = all.")
+    rank_buckets: int = Field(
+        16, gt=0, description="Queries are hashed into this many buckets for ranking; a bucket is committed whole."
+    )
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for the output filesystem; null = the input's. Never recorded."
+    )
+
+
+class RerankJobConfig(_Strict):
+    input: RerankInputConfig = Field(description="The candidate pairs: one (query, document) pair a row.")
+    documents: DocumentsConfig | None = Field(
+        None, description="Document texts by id, joined to the candidates on the cluster; null = texts inline."
+    )
+    model: RerankModelConfig = Field(description="The reranker model.")
+    output: RerankOutputConfig = Field(description="Where committed scores and ranks go.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
+
+    @model_validator(mode="after")
+    def _one_text_source(self) -> "RerankJobConfig":
+        if self.documents is None and self.input.text_column is None:
+            raise ValueError("input.text_column is null, so `documents` must say where document texts are")
+        if self.documents is not None and self.input.text_column is not None:
+            raise ValueError("with `documents`, set input.text_column: null (texts come from the documents)")
+        return self
+
+    @property
+    def output_storage_options(self) -> dict[str, Any]:
+        opts = self.output.storage_options
+        return dict(self.input.storage_options if opts is None else opts)
+
+
+JobConfig = TypeVar("JobConfig", EmbedJobConfig, RerankJobConfig)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, null, lists)."""
     key, sep, raw = assignment.partition("=")
@@ -147,7 +259,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...] = ()) -> EmbedJobConfig:
+def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[JobConfig] = EmbedJobConfig) -> JobConfig:
     """Read YAML, apply overrides, validate; every failure is a ConfigError naming the file and field."""
     path = pathlib.Path(path)
     try:
@@ -164,6 +277,6 @@ def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...]
         apply_override(data, assignment)
     source = str(path) + (" (with --set overrides)" if overrides else "")
     try:
-        return EmbedJobConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None

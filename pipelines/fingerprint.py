@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from pipelines import __version__
-from pipelines.config import EmbedJobConfig
+from pipelines.config import EmbedJobConfig, RerankJobConfig
 
 
 def _local_model_digest(path: str) -> str | None:
@@ -46,6 +46,23 @@ def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
         "instruction": m.instruction,
         "max_length": m.max_length,
         "vector_dtype": cfg.output.vector_dtype,
+        "embedrank_version": __version__,
+    }
+
+
+def rerank_fingerprint(cfg: RerankJobConfig) -> dict[str, Any]:
+    m = cfg.model
+    return {
+        "task": "rerank",
+        "model": m.path,
+        "revision": m.revision,
+        "model_digest": _local_model_digest(m.path),
+        "dtype": resolved_dtype(m.dtype, cfg.compute.num_gpus),
+        "score": "softmax(no, yes) at the last position",
+        "instruction": m.instruction,
+        "max_length": m.max_length,
+        "top_k": cfg.output.top_k,
+        "rank_buckets": cfg.output.rank_buckets,
         "embedrank_version": __version__,
     }
 

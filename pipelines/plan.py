@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import InputConfig
+from pipelines.config import SourceConfig
 from pipelines.errors import InputError
 from pipelines.storage import InputFile, expand_inputs, open_input
 
@@ -79,20 +79,21 @@ def _item_id(f: InputFile, start: int, end: int | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: InputConfig) -> None:
-    wanted = [cfg.text_column, *([cfg.id_column] if cfg.id_column else []), *cfg.passthrough_columns]
+def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: SourceConfig) -> None:
+    fields = cfg.fields()
+    wanted = [fs.column for fs in fields if fs.column] + cfg.extra_columns
     missing = [c for c in wanted if c not in schema.names]
     if missing:
-        raise InputError(
-            f"{f.url}: column(s) {missing} not found (file has {schema.names}); "
-            "check input.text_column / input.id_column / input.passthrough_columns"
-        )
-    text_type = schema.field(cfg.text_column).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
-        raise InputError(f"{f.url}: text column {cfg.text_column!r} has type {text_type}, expected string")
+        raise InputError(f"{f.url}: column(s) {missing} not found (file has {schema.names}); check the "
+                         "config's *_column settings")
+    for fs in fields:
+        if fs.kind == "text" and fs.column:
+            t = schema.field(fs.column).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+                raise InputError(f"{f.url}: {fs.role} column {fs.column!r} has type {t}, expected string")
 
 
-def _plan_parquet(f: InputFile, cfg: InputConfig) -> list[WorkItem]:
+def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
     try:
         with open_input(f.url, cfg.storage_options) as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -102,14 +103,15 @@ def _plan_parquet(f: InputFile, cfg: InputConfig) -> list[WorkItem]:
         raise InputError(f"{f.url}: not a readable Parquet file ({exc})") from None
     schema = meta.schema.to_arrow_schema()
     _check_parquet_schema(f, schema, cfg)
-    text_idx = schema.get_field_index(cfg.text_column)
+    text_cols = [fs.column for fs in cfg.fields() if fs.kind == "text" and fs.column]
+    text_idx = [schema.get_field_index(c) for c in text_cols]
 
     items: list[WorkItem] = []
     g_start, row_start, rows, text_bytes = 0, 0, 0, 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         rows += rg.num_rows
-        text_bytes += rg.column(text_idx).total_uncompressed_size if text_idx < rg.num_columns else 0
+        text_bytes += sum(rg.column(i).total_uncompressed_size for i in text_idx if i < rg.num_columns)
         if rows >= cfg.rows_per_item or g == meta.num_row_groups - 1:
             end = row_start + rows
             items.append(
@@ -126,7 +128,7 @@ def _plan_jsonl(f: InputFile) -> list[WorkItem]:
     return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN))]
 
 
-def make_plan(cfg: InputConfig, max_workers: int = 16) -> Plan:
+def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
     """List, sort and split the input into work items; reads only listings and Parquet footers."""
     files = expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options)
     if cfg.format == "parquet":

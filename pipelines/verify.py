@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipelines.commit import SUCCESS_FILE, OutputRoot
 from pipelines.errors import OutputError
 from pipelines.storage import Storage
-from pipelines.writing import DATA_DIR, REJECTS_DIR
+from pipelines.writing import PIECE_DIRS
 
 
 def _root(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any], dict]:
@@ -91,8 +91,7 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None) ->
     if dupes:
         report.problems.append(f"{len(dupes)} id(s) appear more than once (e.g. {dupes[0]!r})")
     named = {f["path"] for c in commits.values() for f in c["files"] + c["rejects"]}
-    orphans = [p for p in root.storage.list_files(DATA_DIR) + root.storage.list_files(REJECTS_DIR)
-               if p not in named]
+    orphans = [p for d in PIECE_DIRS for p in root.storage.list_files(d) if p not in named]
     counts["orphans"] = len(orphans)
     if orphans and root.storage.exists(SUCCESS_FILE):
         report.problems.append(f"{len(orphans)} file(s) under data/ or _rejects/ that no commit names")

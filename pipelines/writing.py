@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from pipelines.storage import Storage
 
 DATA_DIR = "data"
+SCORES_DIR = "_scores"
 REJECTS_DIR = "_rejects"
+PIECE_DIRS = (DATA_DIR, SCORES_DIR, REJECTS_DIR)
 INTERNAL = ("_item", "_row", "_item_rows", "_reject")
 FINGERPRINT_KEY = b"embedrank.fingerprint"
 
@@ -39,7 +41,8 @@ def _parquet_bytes(table: pa.Table, fingerprint_json: str) -> bytes:
     return buf.getvalue()
 
 
-def _put(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str):
+def put_piece(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str):
+    """Write one Parquet piece named by its content hash; returns (path, sha256, bytes)."""
     data = _parquet_bytes(table, fingerprint_json)
     digest = hashlib.sha256(data).hexdigest()
     rel = f"{folder}/{stem}-{digest[:12]}.parquet"
@@ -56,7 +59,14 @@ def _runs(items: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str]) -> pa.Table:
+def reject_table(rows: pa.Table, id_columns: list[str], reason: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The `_rejects/` schema: the row's id columns, its file row, the reason code, its item."""
+    return pa.table({**{c: rows.column(c) for c in id_columns}, "row": rows.column("_row"),
+                     "reason": reason, "item": rows.column("_item")})
+
+
+def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
+                 data_dir: str = DATA_DIR, reject_id_columns: tuple[str, ...] = ("id",)) -> pa.Table:
     """Write every run of the batch as pieces; return one record per piece for the driver's commit loop."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     table = table.sort_by([("_item", "ascending"), ("_row", "ascending")])
@@ -76,12 +86,11 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
                   "reject_file": None, "reject_rows": 0, "reject_sha256": None, "reject_reasons": None,
                   "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
         if good.num_rows:
-            rel, digest, size = _put(storage, DATA_DIR, stem, good.select(output_columns), fingerprint_json)
+            rel, digest, size = put_piece(storage, data_dir, stem, good.select(output_columns), fingerprint_json)
             record.update(data_file=rel, data_rows=good.num_rows, data_sha256=digest, data_bytes=size)
         if bad.num_rows:
-            rej = pa.table({"id": bad.column("id"), "row": bad.column("_row"), "reason": bad.column("_reject"),
-                            "item": bad.column("_item")})
-            rel, digest, _ = _put(storage, REJECTS_DIR, stem, rej, fingerprint_json)
+            rej = reject_table(bad, list(reject_id_columns), bad.column("_reject"))
+            rel, digest, _ = put_piece(storage, REJECTS_DIR, stem, rej, fingerprint_json)
             reasons = pa.compute.value_counts(bad.column("_reject")).to_pylist()
             record.update(reject_file=rel, reject_rows=bad.num_rows, reject_sha256=digest,
                           reject_reasons=json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True))

@@ -137,11 +137,11 @@ def test_jsonl_corpus_with_bad_lines_and_an_empty_file(ray_local, s3_bucket, s3_
     summary = run_embed(job([f"s3://{bucket}/docs/*.jsonl"], out, opts, tiny_embedding_model, fmt="jsonl"))
     assert summary["items_processed"] == 2
     assert summary["totals"]["rows"] == 38 and summary["totals"]["reject_reasons"] == {
-        "invalid_json": 1, "not_string": 1}
+        "invalid_json": 1, "text_not_string": 1}
     report = verify_output(out, opts)
     assert report.ok, report.problems
     got = read_committed(out, opts)
     assert sorted(got.column("id").to_pylist()) == sorted(i for k, i in enumerate(ids) if k not in (5, 6))
     rejects = read_committed(out, opts, rejects=True)
     assert sorted(zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist())) == [
-        (5, "invalid_json"), (6, "not_string")]
+        (5, "invalid_json"), (6, "text_not_string")]

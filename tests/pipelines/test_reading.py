@@ -41,7 +41,7 @@ def test_jsonl_bad_lines_get_reason_codes(tmp_path):
     (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     cfg = InputConfig(paths=[str(tmp_path / "c.jsonl")], format="jsonl", id_column="id")
     t = read_item(make_plan(cfg).items[0], cfg)
-    assert t.column("_reject").to_pylist() == [None, "invalid_json", "not_an_object", "not_string",
+    assert t.column("_reject").to_pylist() == [None, "invalid_json", "not_an_object", "text_not_string",
                                                "missing_text", "null_text", "invalid_utf8", "null_id",
                                                "empty_text"]
     assert t.column("_row").to_pylist() == list(range(9))

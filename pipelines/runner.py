@@ -1,0 +1,89 @@
+"""The part every job shares: plan → prepare the output → stream work items through a graph → commit.
+
+A job supplies its fingerprint and a function that builds its Ray Data graph
+over the items still to do; this module owns resume, the commit loop, progress
+and the completeness check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, TextIO
+
+from pipelines.commit import Committer, OutputRoot
+from pipelines.config import RunConfig, SourceConfig
+from pipelines.errors import OutputError
+from pipelines.fingerprint import fingerprint_id
+from pipelines.plan import Plan, WorkItem, make_plan
+from pipelines.progress import Progress
+from pipelines.reading import read_item
+
+
+@dataclasses.dataclass
+class ItemsOutcome:
+    plan: Plan
+    root: OutputRoot
+    fingerprint_id: str
+    progress: Progress
+    processed: int
+
+
+def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[dict[str, Any]]:
+    """JSONL items that produced no piece may be empty files; those commit with no rows."""
+    for state in list(committer.pending.values()):
+        if state.rows is None and not state.pieces and read_item(state.item, source).num_rows == 0:
+            state.rows = 0
+    return committer.commit_empty()
+
+
+def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons: dict[str, int] = {}
+    for c in commits:
+        for r, n in c.get("reject_reasons", {}).items():
+            reasons[r] = reasons.get(r, 0) + n
+    return {"items": len(commits), "rows": sum(c["rows"] for c in commits),
+            "rejected": sum(c["rejected"] for c in commits), "reject_reasons": dict(sorted(reasons.items())),
+            "tokens": sum(c["tokens"] for c in commits)}
+
+
+def process_items(*, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
+                  recorded_config: dict[str, Any], run: RunConfig,
+                  build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,
+                  before_new_work: Callable[[], None] | None = None) -> ItemsOutcome:
+    """Commit every planned item of `source` exactly once, resuming from what is already committed."""
+    stream = stream or sys.stderr
+    plan = make_plan(source)
+    print(plan.describe(), file=stream, flush=True)
+    fp_id = fingerprint_id(fingerprint)
+    existing = root.prepare(fingerprint, fp_id, plan.items, recorded_config)
+    todo = [i for i in plan.items if i.item_id not in existing]
+    print(f"resume: {len(existing)} item(s) already committed, {len(todo)} to process", file=stream, flush=True)
+    if todo and before_new_work is not None:
+        before_new_work()
+
+    committer = Committer(root, fp_id, todo)
+    progress = Progress(len(plan.items), len(existing), plan.known_rows, run.progress_interval_s, stream, label)
+    for commit in committer.commit_empty():
+        progress.update(commit)
+    if committer.pending:
+        from pipelines.ray_runtime import ensure_ray, quiet_ray_data
+
+        ensure_ray(run.ray_address)
+        quiet_ray_data()
+        ds = build_graph([s.item for s in committer.pending.values()])
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for piece in batch.to_pylist():
+                commit = committer.add(piece)
+                if commit is not None:
+                    progress.update(commit)
+    for commit in _commit_empty_jsonl(committer, source):
+        progress.update(commit)
+    if committer.pending:
+        unfinished = committer.group_unfinished()
+        example = next(iter(unfinished.items()))
+        raise OutputError(
+            f"{len(unfinished)} work item(s) did not complete (e.g. {example[0]} with pieces {example[1]}); "
+            "nothing partial was committed; rerun the same command to resume"
+        )
+    return ItemsOutcome(plan, root, fp_id, progress, len(todo))
