@@ -61,7 +61,7 @@ class Embedder:
             mask[r, : len(s)] = 1
         input_ids = torch.from_numpy(ids).to(self.device)
         attention_mask = torch.from_numpy(mask).to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return normalize(last_token_pool(hidden, attention_mask), self.dimensions)
 
     def embed_ids(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
-from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipelines.errors import ModelLoadError
 
@@ -38,9 +35,10 @@ def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenize
     return tok
 
 
-def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _from_pretrained(auto_class, path: str, revision: str | None, dtype: torch.dtype,
+                     device: torch.device) -> torch.nn.Module:
     try:
-        model = AutoModel.from_pretrained(
+        model = auto_class.from_pretrained(
             path, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True
         )
     except (OSError, ValueError) as exc:
@@ -48,11 +46,11 @@ def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torc
     return model.to(device).eval()
 
 
-def is_random_init(path: str) -> bool:
-    """True for the demo's randomly initialised models, whose vectors carry no meaning."""
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    with open(cfg) as fh:
-        data: dict[str, Any] = json.load(fh)
-    return bool(data.get("embedrank_random_init"))
+def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The base model (final hidden states), as the embedder needs."""
+    return _from_pretrained(AutoModel, path, revision, dtype, device)
+
+
+def load_causal_lm(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A model with its language-model head, as the reranker needs (it reads the "yes"/"no" rows of the head)."""
+    return _from_pretrained(AutoModelForCausalLM, path, revision, dtype, device)

@@ -1,4 +1,4 @@
-"""`embedrank` command line: embed, verify, demo.
+"""`embedrank` command line: embed, rerank, verify, demo.
 
 User mistakes (bad config, unreadable input, refused output) print one clear
 message and exit 2; they never print a traceback.
@@ -70,6 +70,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from pipelines.config import RerankJobConfig, load_config
+    from pipelines.rerank_job import run_rerank
+
+    cfg = load_config(args.config, args.set, schema=RerankJobConfig)
+    summary = run_rerank(cfg, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipelines.verify import verify_output
 
@@ -91,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed a corpus into committed Parquet vectors (resumable)")
-    embed.add_argument("config", help="YAML job config")
-    embed.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set output.path=s3://bucket/v1 (repeatable)")
-    embed.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no output")
-    embed.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    embed.set_defaults(func=cmd_embed)
+    for name, func, text in (("embed", cmd_embed, "embed a corpus into committed Parquet vectors (resumable)"),
+                             ("rerank", cmd_rerank, "score and rank candidate (query, document) pairs (resumable)")):
+        job = sub.add_parser(name, help=text)
+        job.add_argument("config", help="YAML job config")
+        job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set output.path=s3://bucket/v1 (repeatable)")
+        job.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no output")
+        job.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+        job.set_defaults(func=func)
 
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
     verify.add_argument("output", help="output root (local path or fsspec URL)")

@@ -174,6 +174,7 @@ class RerankInputConfig(SourceConfig):
 class DocumentsConfig(SourceConfig):
     id_column: str = Field("doc_id", description="Column holding document ids (joined with input.doc_id_column).")
     text_column: str = Field("text", description="Column holding document texts.")
+    join_partitions: int = Field(16, gt=0, description="Hash partitions of the candidates ⋈ documents join.")
 
     def fields(self) -> list[FieldSpec]:
         return [FieldSpec("doc_id", self.id_column, "id"), FieldSpec("text", self.text_column, "text")]

@@ -34,13 +34,23 @@ def preflight_model(path: str, dimensions: int | None = None) -> None:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ModelLoadError(f"model.path {path!r} has no config.json")
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        raise ModelLoadError(
+            f"model.path {path!r} has no .safetensors weights"
+            + (f" (only pickle files {pickled}, which embedrank never loads: convert them to safetensors)"
+               if pickled else ""))
     with open(config_file) as fh:
-        hidden = json.load(fh).get("hidden_size")
+        config = json.load(fh)
+    if config.get("embedrank_random_init"):
+        print(f"NOTE: {path} is a randomly initialised model; its outputs are not meaningful", file=sys.stderr)
+    hidden = config.get("hidden_size")
     if dimensions and hidden and dimensions > hidden:
         raise ModelLoadError(f"model.dimensions={dimensions} exceeds the model's embedding size {hidden}")
 
 
-def summarize(label: str, outcome, all_totals: dict[str, Any], output: str, stream: TextIO) -> dict[str, Any]:
+def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) -> dict[str, Any]:
     outcome.progress.print_line()
     summary = {**outcome.progress.summary(), "output": output, "totals": all_totals}
     reasons = ", ".join(f"{r}={n}" for r, n in all_totals["reject_reasons"].items()) or "none"
@@ -73,6 +83,6 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
     removed = root.remove_orphans(commits)
     all_totals = {**totals(list(commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
     root.write_success(all_totals)
-    summary = summarize("embed", outcome, all_totals, cfg.output.path, stream)
+    summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
     return summary

@@ -15,14 +15,32 @@ import json
 from typing import Any
 
 from actors.embedder import EmbedReplica
+from actors.reranker import RerankReplica
 from actors.tokenize import tokenize_batch
-from pipelines.config import EmbedJobConfig
+from pipelines.config import ComputeConfig, EmbedJobConfig, RerankJobConfig
+from pipelines.joining import order_joined_item, read_documents
 from pipelines.plan import WorkItem
+from pipelines.ranking import rank_bucket, read_score_files
 from pipelines.reading import read_items
 from pipelines.storage import Storage
-from pipelines.writing import write_pieces
+from pipelines.writing import SCORES_DIR, write_pieces
 
 EMBED_OUTPUT_BASE = ["id", "embedding", "n_tokens", "truncated"]
+SCORE_OUTPUT = ["query_id", "doc_id", "score", "n_tokens", "truncated", "_item", "_row"]
+
+
+def _items(items: list[WorkItem]):
+    import ray.data
+
+    return ray.data.from_items([{"item": json.dumps(i.to_dict())} for i in items], override_num_blocks=len(items))
+
+
+def _model_pool(compute: ComputeConfig) -> dict[str, Any]:
+    import ray.data
+
+    return {"compute": ray.data.ActorPoolStrategy(min_size=compute.min_replicas, max_size=compute.max_replicas),
+            "batch_size": compute.batch_rows, "batch_format": "pyarrow", "num_gpus": compute.num_gpus or None,
+            "num_cpus": compute.num_cpus}
 
 
 def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
@@ -32,12 +50,8 @@ def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
 
 def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage,
                       fingerprint: dict[str, Any]):
-    import ray.data
-
     m, c = cfg.model, cfg.compute
-    ds = ray.data.from_items([{"item": json.dumps(i.to_dict())} for i in items],
-                             override_num_blocks=len(items))
-    ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
+    ds = _items(items).map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
                         fn_kwargs={"cfg": cfg.input, "tokenizer": {"path": m.path, "revision": m.revision,
                                                                    "max_length": m.max_length,
                                                                    "instruction": m.instruction}})
@@ -46,10 +60,45 @@ def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Stora
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
                                "num_cpus": c.num_cpus, "dimensions": m.dimensions,
                                "max_batch_tokens": m.max_batch_tokens, "vector_dtype": cfg.output.vector_dtype},
-        compute=ray.data.ActorPoolStrategy(min_size=c.min_replicas, max_size=c.max_replicas),
-        batch_size=c.batch_rows, batch_format="pyarrow", num_gpus=c.num_gpus or None, num_cpus=c.num_cpus,
+        **_model_pool(c),
     )
     output_columns = EMBED_OUTPUT_BASE + list(cfg.input.passthrough_columns)
     return ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, num_cpus=c.io_num_cpus,
                           fn_kwargs={"storage": storage, "fingerprint": fingerprint,
                                      "output_columns": output_columns})
+
+
+def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: list[WorkItem], storage: Storage,
+                      fingerprint: dict[str, Any]):
+    """rerank, phase 1: candidate items → read (→ join documents → regroup by item) → score → write pieces."""
+    m, c = cfg.model, cfg.compute
+    ds = _items(items).map_batches(read_items, fn_kwargs={"cfg": cfg.input}, batch_size=1,
+                                   batch_format="pyarrow", num_cpus=c.io_num_cpus)
+    if cfg.documents is not None:
+        docs = _items(doc_items).map_batches(read_documents, fn_kwargs={"cfg": cfg.documents}, batch_size=1,
+                                             batch_format="pyarrow", num_cpus=c.io_num_cpus)
+        ds = ds.join(docs, join_type="left_outer", num_partitions=cfg.documents.join_partitions, on=("doc_id",))
+        ds = ds.groupby("_item").map_groups(order_joined_item, batch_format="pyarrow", num_cpus=c.io_num_cpus)
+    ds = ds.map_batches(
+        RerankReplica,
+        fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
+                               "num_cpus": c.num_cpus, "instruction": m.instruction, "max_length": m.max_length,
+                               "max_batch_tokens": m.max_batch_tokens, "share_prefix": m.share_prefix},
+        **_model_pool(c),
+    )
+    return ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, num_cpus=c.io_num_cpus,
+                          fn_kwargs={"storage": storage, "fingerprint": fingerprint, "output_columns": SCORE_OUTPUT,
+                                     "data_dir": SCORES_DIR, "reject_id_columns": ("query_id", "doc_id")})
+
+
+def build_rank_graph(score_files: list[str], storage: Storage, fingerprint: dict[str, Any], buckets: int,
+                     skip_buckets: list[int], top_k: int | None, io_num_cpus: float):
+    """rerank, phase 2: committed scores → bucket by query → rank each bucket whole → write it."""
+    import ray.data
+
+    files = ray.data.from_items([{"path": p} for p in score_files], override_num_blocks=min(len(score_files), 256))
+    ds = files.map_batches(read_score_files, batch_size=1, batch_format="pyarrow", num_cpus=io_num_cpus,
+                           fn_kwargs={"storage": storage, "buckets": buckets, "skip_buckets": skip_buckets})
+    return ds.groupby("_bucket").map_groups(rank_bucket, batch_format="pyarrow", num_cpus=io_num_cpus,
+                                            fn_kwargs={"storage": storage, "fingerprint": fingerprint,
+                                                       "top_k": top_k})

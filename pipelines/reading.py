@@ -20,17 +20,6 @@ from pipelines.errors import InputError
 from pipelines.plan import WorkItem
 from pipelines.storage import open_input
 
-PARSE_REASONS = {
-    "invalid_json": "the line is not valid JSON",
-    "not_an_object": "the line is JSON but not an object",
-    "invalid_utf8": "the line is not valid UTF-8",
-}
-FIELD_REASONS = {
-    "null_{role}": "the value is null (or missing, for ids)",
-    "missing_{role}": "the JSON object has no such field",
-    "empty_{role}": "the text is empty or only whitespace",
-    "{role}_not_string": "the text is not a string",
-}
 NO_REASON = pa.scalar(None, pa.string())
 
 

@@ -96,9 +96,6 @@ class Storage:
             self.fs.rm([self.path(r) for r in rels])
         self.fs.invalidate_cache()
 
-    def invalidate(self) -> None:
-        self.fs.invalidate_cache()
-
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:

@@ -1,7 +1,7 @@
 """Reading committed output and checking the exactly-once invariant.
 
 Readers never glob `data/`: the committed rows are exactly the files that the
-commits of the planned items name.
+commits name (item commits for embeddings; rank commits for reranking).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import io
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -21,7 +22,7 @@ from pipelines.storage import Storage
 from pipelines.writing import PIECE_DIRS
 
 
-def _root(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any], dict]:
+def _open(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any], dict]:
     root = OutputRoot(Storage(output, storage_options))
     job = root.read_job()
     if job is None:
@@ -30,16 +31,32 @@ def _root(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRo
     return root, job, commits
 
 
-def read_committed(output: str, storage_options: dict[str, Any] | None = None, *,
-                   rejects: bool = False) -> pa.Table:
-    """All committed rows (or rejects) of an output, as one pyarrow Table, in plan order."""
-    root, job, commits = _root(output, storage_options)
-    key = "rejects" if rejects else "files"
-    tables = [pq.read_table(io.BytesIO(root.storage.read_bytes(f["path"])))
-              for i in job["items"] if i["item_id"] in commits for f in commits[i["item_id"]][key]]
+def _is_rerank(job: dict[str, Any]) -> bool:
+    return job["fingerprint"].get("task") == "rerank"
+
+
+def _read(root: OutputRoot, paths: list[str]) -> pa.Table:
+    tables = [pq.read_table(io.BytesIO(root.storage.read_bytes(p))) for p in paths]
     if not tables:
         return pa.table({})
-    return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
+    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(tables[0].schema.metadata)
+
+
+def read_committed(output: str, storage_options: dict[str, Any] | None = None, *,
+                   rejects: bool = False) -> pa.Table:
+    """All committed rows (or rejects) of an output as one pyarrow Table.
+
+    Embedding outputs: id, embedding, n_tokens, truncated, pass-through columns.
+    Rerank outputs: query_id, doc_id, score, rank. Rejects: id column(s), row, reason, item.
+    """
+    root, job, commits = _open(output, storage_options)
+    ordered = [commits[i["item_id"]] for i in job["items"] if i["item_id"] in commits]
+    if not _is_rerank(job):
+        return _read(root, [f["path"] for c in ordered for f in c["rejects" if rejects else "files"]])
+    ranks = [c for _, c in sorted(root.read_rank_commits().items())]
+    if rejects:
+        return _read(root, [f["path"] for c in ordered + ranks for f in c["rejects"]])
+    return _read(root, [f["path"] for c in ranks for f in c["files"]])
 
 
 @dataclasses.dataclass
@@ -52,12 +69,25 @@ class Report:
         return not self.problems
 
 
-def verify_output(output: str, storage_options: dict[str, Any] | None = None) -> Report:
-    """Check every planned item is committed once, every named file matches, every id appears once."""
-    root, job, commits = _root(output, storage_options)
-    report = Report()
-    ids: collections.Counter[str] = collections.Counter()
-    counts = collections.Counter(items=len(job["items"]))
+def _load_checked(root: OutputRoot, f: dict[str, Any], owner: str, report: Report) -> pa.Table | None:
+    """A file a commit names, checked against the commit's checksum and row count."""
+    try:
+        data = root.storage.read_bytes(f["path"])
+    except FileNotFoundError:
+        report.problems.append(f"{f['path']} named by {owner} is missing")
+        return None
+    if hashlib.sha256(data).hexdigest() != f["sha256"]:
+        report.problems.append(f"{f['path']}: checksum differs from {owner}")
+    table = pq.read_table(io.BytesIO(data))
+    if table.num_rows != f["rows"]:
+        report.problems.append(f"{f['path']}: {table.num_rows} rows, {owner} says {f['rows']}")
+    return table
+
+
+def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rerank: bool,
+                 counts: collections.Counter) -> collections.Counter:
+    """Every planned item committed; its files tile it; returns how often each row key was seen."""
+    keys: collections.Counter = collections.Counter()
     for item in job["items"]:
         commit = commits.get(item["item_id"])
         if commit is None:
@@ -68,33 +98,79 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None) ->
             report.problems.append(f"commit {item['item_id']} has another fingerprint")
         expected = commit["row_end"] - commit["row_start"]
         if item["row_end"] is not None and expected != item["row_end"] - item["row_start"]:
-            report.problems.append(f"commit {item['item_id']} covers {expected} rows, plan says otherwise")
+            report.problems.append(f"commit {item['item_id']} covers {expected} rows, the plan says otherwise")
         seen = 0
         for kind, files in (("rows", commit["files"]), ("rejected", commit["rejects"])):
             for f in files:
-                try:
-                    data = root.storage.read_bytes(f["path"])
-                except FileNotFoundError:
-                    report.problems.append(f"{f['path']} named by commit {item['item_id']} is missing")
+                table = _load_checked(root, f, f"commit {item['item_id']}", report)
+                if table is None:
                     continue
-                if hashlib.sha256(data).hexdigest() != f["sha256"]:
-                    report.problems.append(f"{f['path']}: checksum differs from its commit")
-                table = pq.read_table(io.BytesIO(data), columns=["id"])
-                if table.num_rows != f["rows"]:
-                    report.problems.append(f"{f['path']}: {table.num_rows} rows, commit says {f['rows']}")
-                ids.update(x for x in table.column("id").to_pylist() if x is not None)
+                if rerank or kind == "rejected":
+                    rows = table.column("_row" if kind == "rows" else "row").to_pylist()
+                    keys.update((item["item_id"], r) for r in rows)
+                if not rerank:
+                    keys.update(("id", x) for x in table.column("id").to_pylist() if x is not None)
                 counts[kind] += table.num_rows
                 seen += table.num_rows
         if seen != expected:
-            report.problems.append(f"commit {item['item_id']}: files hold {seen} rows, item has {expected}")
-    dupes = [i for i, n in ids.items() if n > 1]
-    if dupes:
-        report.problems.append(f"{len(dupes)} id(s) appear more than once (e.g. {dupes[0]!r})")
-    named = {f["path"] for c in commits.values() for f in c["files"] + c["rejects"]}
+            report.problems.append(f"commit {item['item_id']}: files hold {seen} rows, the item has {expected}")
+    return keys
+
+
+def _check_ranks(root: OutputRoot, job: dict, report: Report, counts: collections.Counter) -> list[dict]:
+    ranks = list(root.read_rank_commits().values())
+    top_k = job["fingerprint"].get("top_k")
+    tables = []
+    for c in ranks:
+        for f in c["files"]:
+            t = _load_checked(root, f, f"rank commit {c['bucket']}", report)
+            if t is not None:
+                tables.append(t.select(["query_id", "doc_id", "rank"]))
+        for f in c["rejects"]:
+            _load_checked(root, f, f"rank commit {c['bucket']}", report)
+    counts["ranked_rows"] = sum(c["rows"] for c in ranks)
+    counts["duplicate_pairs"] = sum(c["rejected"] for c in ranks)
+    if sum(c["scored"] for c in ranks) != counts["rows"]:
+        report.problems.append(f"rank commits cover {sum(c['scored'] for c in ranks)} scored pairs of "
+                               f"{counts['rows']}")
+    if not tables:
+        return ranks
+    ranked = pa.concat_tables(tables).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    pairs = collections.Counter(zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist()))
+    if any(n > 1 for n in pairs.values()):
+        report.problems.append("a (query_id, doc_id) pair appears more than once in the ranked output")
+    q = ranked.column("query_id").to_pylist()
+    r = np.asarray(ranked.column("rank").to_numpy())
+    starts = [0] + [i for i in range(1, len(q)) if q[i] != q[i - 1]] + [len(q)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        if not np.array_equal(r[a:b], np.arange(1, b - a + 1)) or (top_k and b - a > top_k):
+            report.problems.append(f"ranks of query {q[a]!r} are not 1..n (top_k={top_k})")
+            break
+    counts["queries"] = len(starts) - 1
+    if top_k is None and counts["ranked_rows"] + counts["duplicate_pairs"] != counts["rows"]:
+        report.problems.append("ranked rows + duplicate pairs differ from scored pairs")
+    return ranks
+
+
+def verify_output(output: str, storage_options: dict[str, Any] | None = None) -> Report:
+    """Check every planned item is committed once, every named file matches, every row appears once."""
+    root, job, commits = _open(output, storage_options)
+    rerank = _is_rerank(job)
+    report = Report()
+    counts: collections.Counter = collections.Counter(items=len(job["items"]))
+    keys = _check_items(root, job, commits, report, rerank, counts)
+    twice = [k for k, n in keys.items() if n > 1]
+    if twice:
+        report.problems.append(f"{len(twice)} row(s)/id(s) appear more than once (e.g. {twice[0]!r})")
+    all_commits = list(commits.values())
+    if rerank:
+        all_commits += _check_ranks(root, job, report, counts)
+    named = {f["path"] for c in all_commits for f in c["files"] + c["rejects"]}
     orphans = [p for d in PIECE_DIRS for p in root.storage.list_files(d) if p not in named]
     counts["orphans"] = len(orphans)
     if orphans and root.storage.exists(SUCCESS_FILE):
-        report.problems.append(f"{len(orphans)} file(s) under data/ or _rejects/ that no commit names")
-    counts["unique_ids"] = len(ids)
+        report.problems.append(f"{len(orphans)} piece file(s) that no commit names")
+    counts["unique_ids" if not rerank else "unique_rows"] = len(keys) if rerank else sum(
+        1 for k in keys if k[0] == "id")
     report.counts = dict(counts)
     return report

@@ -22,7 +22,6 @@ DATA_DIR = "data"
 SCORES_DIR = "_scores"
 REJECTS_DIR = "_rejects"
 PIECE_DIRS = (DATA_DIR, SCORES_DIR, REJECTS_DIR)
-INTERNAL = ("_item", "_row", "_item_rows", "_reject")
 FINGERPRINT_KEY = b"embedrank.fingerprint"
 
 PIECE_SCHEMA = pa.schema([

@@ -51,3 +51,11 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_model(tmp_path_factory):
+    """A randomly initialised Qwen3ForCausalLM (hidden 64, 2 layers) with the real Qwen tokenizer."""
+    from actors.random_qwen import build_random_qwen3
+
+    return build_random_qwen3(tmp_path_factory.mktemp("models") / "qwen3-reranker-tiny", kind="reranker", seed=1)

@@ -70,6 +70,19 @@ def test_model_mismatches_are_caught_before_any_work(local_job, capsys):
     assert not out.exists()
 
 
+def test_pickle_only_models_are_refused(local_job, tmp_path, tiny_embedding_model, capsys):
+    cfg, out = local_job
+    unsafe = tmp_path / "unsafe-model"
+    unsafe.mkdir()
+    (unsafe / "config.json").write_text((tiny_embedding_model / "config.json").read_text())
+    (unsafe / "pytorch_model.bin").write_bytes(b"pickle")
+    assert main(["embed", str(cfg), "--set", f"model.path={unsafe}"]) == 2
+    assert "only pickle files ['pytorch_model.bin'], which embedrank never loads" in capsys.readouterr().err
+    assert main(["embed", str(cfg), "--set", "model.trust_remote_code=true"]) == 2
+    assert "model.trust_remote_code: Extra inputs are not permitted" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_errors_from_remote_actors_are_recovered_from_rays_text():
     from pipelines.cli import _user_error
     from pipelines.errors import ModelLoadError

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, EmbedJobConfig, RerankJobConfig, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -62,19 +62,33 @@ def test_missing_required_sections_and_bad_files(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["output.path"])
 
 
-def test_every_field_is_described():
-    from pipelines.config import EmbedJobConfig
-
+@pytest.mark.parametrize("root", [EmbedJobConfig, RerankJobConfig])
+def test_every_field_is_described(root):
     def walk(model):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
             ann = field.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann)
+            for candidate in (ann, *getattr(ann, "__args__", ())):
+                if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+                    walk(candidate)
 
-    walk(EmbedJobConfig)
+    walk(root)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "backfill.yaml"])
-def test_shipped_configs_validate(name):
-    load_config(REPO / "configs" / name)
+@pytest.mark.parametrize("name, schema", [("demo.yaml", EmbedJobConfig), ("backfill.yaml", EmbedJobConfig),
+                                          ("rerank.yaml", RerankJobConfig)])
+def test_shipped_configs_validate(name, schema):
+    load_config(REPO / "configs" / name, schema=schema)
+
+
+def test_rerank_config_needs_exactly_one_text_source(tmp_path):
+    base = "model: {path: m}\noutput: {path: o}\n"
+    cfg = load_config(write(tmp_path, base + "input: {paths: [c]}\n"), schema=RerankJobConfig)
+    assert cfg.model.instruction.startswith("Given a web search query") and cfg.output.top_k is None
+    with pytest.raises(ConfigError, match="documents` must say where document texts are"):
+        load_config(write(tmp_path, base + "input: {paths: [c], text_column: null}\n"), schema=RerankJobConfig)
+    with pytest.raises(ConfigError, match="set input.text_column: null"):
+        load_config(write(tmp_path, base + "input: {paths: [c]}\ndocuments: {paths: [d]}\n"),
+                    schema=RerankJobConfig)
+    with pytest.raises(ConfigError, match="output.top_k"):
+        load_config(write(tmp_path, base + "input: {paths: [c]}\n"), ["output.top_k=0"], schema=RerankJobConfig)

@@ -1,0 +1,289 @@
+"""One Qwen3-Reranker replica: (query, document) pairs in, P(yes) scores out.
+
+The card's recipe computes full-vocabulary logits and keeps two of them. Here
+the base model runs alone and only the hidden state at each row's last real
+position meets the two `lm_head` rows for "no" and "yes": the same numbers at
+a fraction of the cost. Candidates of one query share the system prompt,
+instruction and query, so that token prefix runs once and its key/value cache
+serves every candidate. Plain Python and torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import DynamicCache
+
+from actors.batching import padded_tokens, plan_micro_batches
+from actors.loading import ModelLoadError, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
+
+MIN_SHARED_PREFIX = 16
+"""A group whose candidates share fewer tokens than this is scored on the plain path."""
+
+
+class PairTokenizer:
+    """(query, document) pairs → the card's token ids: prefix + truncated user turn + suffix.
+
+    The user turn is truncated by the tokenizer itself ('longest_first', on the
+    tokenizer's truncation side, right for Qwen) to what `max_length` leaves
+    after the prefix and suffix, so the document's end is cut and the suffix,
+    whose last position is scored, always survives.
+    """
+
+    def __init__(self, path: str, revision: str | None, max_length: int, instruction: str | None = None):
+        tok = load_tokenizer(path, revision)
+        self.instruction = instruction if instruction is not None else DEFAULT_INSTRUCTION
+        self.max_length = max_length
+        self.prefix_ids = tok.encode(SYSTEM_PREFIX, add_special_tokens=False)
+        self.suffix_ids = tok.encode(ASSISTANT_SUFFIX, add_special_tokens=False)
+        room = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if room <= 0:
+            raise ModelLoadError(
+                f"max_length={max_length} leaves no room for the pair after the reranker's "
+                f"{len(self.prefix_ids) + len(self.suffix_ids)} prompt tokens"
+            )
+        self._backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+        self._backend.no_padding()
+        self._backend.enable_truncation(max_length=room, strategy="longest_first", direction=tok.truncation_side)
+
+    def encode(self, queries: Sequence[str], docs: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per pair and whether the pair was truncated."""
+        texts = [format_pair(self.instruction, q, d) for q, d in zip(queries, docs, strict=True)]
+        encodings = self._backend.encode_batch(texts, add_special_tokens=True)
+        ids = [self.prefix_ids + e.ids + self.suffix_ids for e in encodings]
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return ids, truncated
+
+
+def answer_token_ids(tok, path: str) -> tuple[int, int]:
+    """Ids of the "no" and "yes" tokens, looked up as the card does."""
+    ids = tok.convert_tokens_to_ids(["no", "yes"])
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ModelLoadError(f"model.path {path!r}: the tokenizer has no 'yes'/'no' tokens; not a Qwen3 reranker")
+    return int(ids[0]), int(ids[1])
+
+
+def common_prefix_length(seqs: list[np.ndarray]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each after it."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        if n <= 0:
+            return 0
+        diff = np.flatnonzero(first[:n] != s[:n])
+        if diff.size:
+            n = int(diff[0])
+    return max(n, 0)
+
+
+def _as_sequences(seqs) -> list[np.ndarray]:
+    """A list of id sequences, or a `(values, offsets)` tuple of flat arrays, as int64 arrays."""
+    if isinstance(seqs, tuple):
+        values, offsets = seqs
+        values = np.asarray(values, dtype=np.int64)
+        return [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return [np.asarray(s, dtype=np.int64) for s in seqs]
+
+
+def _groups(keys: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` split by equal key, each part in row order."""
+    _, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    return [rows[part] for part in np.split(order, bounds)]
+
+
+@dataclasses.dataclass
+class RerankStats:
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_s: float = 0.0
+    shared_groups: int = 0
+    prefix_tokens_saved: int = 0
+
+
+class Reranker:
+    """P(yes) per token sequence, sorted and cut by a token budget, results in input order.
+
+    `score_ids(seqs, group)`: rows with the same `group` key (e.g. a query index)
+    are candidates for prefix sharing. Their common token prefix is measured on
+    the ids, so a wrong grouping costs speed, never correctness.
+    """
+
+    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
+                 max_batch_tokens: int = 16384, num_threads: int | None = None, share_prefix: bool = True):
+        self.device = resolve_device(num_gpus)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
+        tok = load_tokenizer(path, revision)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.no_id, self.yes_id = answer_token_ids(tok, path)
+        self.model = load_causal_lm(path, revision, self.dtype, self.device)
+        self.base = self.model.model
+        head = self.model.get_output_embeddings()
+        rows = torch.tensor([self.no_id, self.yes_id], device=head.weight.device)
+        self._answer_weight = head.weight.detach().index_select(0, rows)
+        self._answer_bias = None if head.bias is None else head.bias.detach().index_select(0, rows)
+        sliding = "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ())
+        self.share_prefix = share_prefix and not sliding
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.max_batch_tokens = max_batch_tokens
+        self.stats = RerankStats()
+
+    def _p_yes(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(last_hidden, self._answer_weight, self._answer_bias).float()
+        return torch.softmax(logits, dim=-1)[:, 1]
+
+    @staticmethod
+    def _right_padded(seqs: list[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), pad, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        return ids, mask
+
+    def _last_hidden(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]
+
+    @torch.inference_mode()
+    def _forward_plain(self, seqs: list[np.ndarray]) -> np.ndarray:
+        ids, mask = self._right_padded(seqs, self.pad_token_id)
+        hidden = self.base(input_ids=torch.from_numpy(ids).to(self.device),
+                           attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False).last_hidden_state
+        return self._p_yes(self._last_hidden(hidden, [len(s) for s in seqs])).cpu().numpy()
+
+    @torch.inference_mode()
+    def _prefill(self, prefix: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of every layer for one shared prefix (batch of 1)."""
+        cache = DynamicCache()
+        self.base(input_ids=torch.from_numpy(prefix[None]).to(self.device), use_cache=True,
+                  **{self._cache_kwarg: cache})
+        return [(layer[0], layer[1]) for layer in cache]
+
+    @torch.inference_mode()
+    def _forward_after_prefix(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: int,
+                              rests: list[np.ndarray]) -> np.ndarray:
+        """Scores of rows that continue a cached prefix; each row's remainder is right-padded."""
+        ids, rest_mask = self._right_padded(rests, self.pad_token_id)
+        batch, width = ids.shape
+        cache = DynamicCache()
+        for layer_idx, (k, v) in enumerate(prefix_kv):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer_idx)
+        mask = np.concatenate([np.ones((batch, prefix_len), dtype=np.int64), rest_mask], axis=1)
+        positions = torch.arange(prefix_len, prefix_len + width, device=self.device).unsqueeze(0).expand(batch, -1)
+        hidden = self.base(input_ids=torch.from_numpy(ids).to(self.device),
+                           attention_mask=torch.from_numpy(mask).to(self.device), position_ids=positions,
+                           use_cache=True, **{self._cache_kwarg: cache}).last_hidden_state
+        return self._p_yes(self._last_hidden(hidden, [len(s) for s in rests])).cpu().numpy()
+
+    def _score_plain(self, seqs: list[np.ndarray], rows: np.ndarray, out: np.ndarray) -> int:
+        lengths = np.fromiter((len(seqs[r]) for r in rows), dtype=np.int64, count=len(rows))
+        batches = plan_micro_batches(lengths, self.max_batch_tokens)
+        for b in batches:
+            out[rows[b]] = self._forward_plain([seqs[r] for r in rows[b]])
+        return padded_tokens(lengths, batches)
+
+    def _score_shared(self, seqs: list[np.ndarray], rows: np.ndarray, prefix_len: int, out: np.ndarray) -> int:
+        """The budget counts prefix + padded remainder per row: the span each row attends over."""
+        prefix_kv = self._prefill(seqs[rows[0]][:prefix_len])
+        rest_lengths = np.fromiter((len(seqs[r]) - prefix_len for r in rows), dtype=np.int64, count=len(rows))
+        batches = plan_micro_batches(rest_lengths + prefix_len, self.max_batch_tokens)
+        for b in batches:
+            out[rows[b]] = self._forward_after_prefix(prefix_kv, prefix_len, [seqs[r][prefix_len:] for r in rows[b]])
+        return prefix_len + padded_tokens(rest_lengths, batches)
+
+    def score_ids(self, seqs: list[Sequence[int]] | tuple[np.ndarray, np.ndarray],
+                  group: np.ndarray | None = None) -> np.ndarray:
+        """P(yes) (float32) per sequence in input order; empty sequences (rejected rows) score NaN.
+
+        `seqs` is a list of id sequences or a `(values, offsets)` tuple. `group`
+        (ints or strings, one per row) marks candidates that share a prompt prefix.
+        """
+        seqs = _as_sequences(seqs)
+        if group is not None and len(group) != len(seqs):
+            raise ValueError(f"group has {len(group)} keys for {len(seqs)} sequences")
+        out = np.full(len(seqs), np.nan, dtype=np.float32)
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        todo = np.flatnonzero(lengths > 0)
+        if len(todo) == 0:
+            return out
+        started = time.perf_counter()
+        computed = 0
+        plain = [todo]
+        if self.share_prefix and group is not None:
+            plain = []
+            for rows in _groups(np.asarray(group)[todo], todo):
+                shared = common_prefix_length([seqs[r] for r in rows]) if len(rows) > 1 else 0
+                if shared < MIN_SHARED_PREFIX:
+                    plain.append(rows)
+                    continue
+                computed += self._score_shared(seqs, rows, shared, out)
+                self.stats.shared_groups += 1
+                self.stats.prefix_tokens_saved += shared * (len(rows) - 1)
+        plain_rows = np.concatenate(plain) if plain else todo[:0]
+        if len(plain_rows):
+            computed += self._score_plain(seqs, plain_rows, out)
+        self.stats.rows += len(todo)
+        self.stats.real_tokens += int(lengths[todo].sum())
+        self.stats.padded_tokens += computed
+        self.stats.forward_s += time.perf_counter() - started
+        return out
+
+
+class RerankReplica:
+    """Ray Data stage (actor): rows with `query`, `text`, `query_id`, `_reject` in; `score` etc. out.
+
+    Output is the input without `query`/`text`, plus `score` (float32, P(yes)),
+    `n_tokens` (int32) and `truncated` (bool). Rejected rows (non-null
+    `_reject`) and rows missing a query or text get no model work and score NaN.
+    Candidates are grouped by `query_id` (by query text where it is null).
+    """
+
+    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
+                 num_cpus: float = 1, instruction: str | None = None, max_length: int = 8192,
+                 max_batch_tokens: int = 16384, share_prefix: bool = True):
+        self.tokenizer = PairTokenizer(path, revision, max_length, instruction)
+        self.reranker = Reranker(path, revision, dtype=dtype, num_gpus=num_gpus, max_batch_tokens=max_batch_tokens,
+                                 num_threads=max(1, int(num_cpus)), share_prefix=share_prefix)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        queries = table.column("query").to_pylist()
+        texts = table.column("text").to_pylist()
+        query_ids = table.column("query_id").to_pylist()
+        rejected = (table.column("_reject").is_valid().to_numpy(zero_copy_only=False)
+                    if "_reject" in table.column_names else np.zeros(table.num_rows, dtype=bool))
+        keep = [i for i in range(table.num_rows) if not rejected[i] and queries[i] is not None and texts[i] is not None]
+        ids: list[list[int]] = [[] for _ in range(table.num_rows)]
+        truncated = np.zeros(table.num_rows, dtype=bool)
+        if keep:
+            enc, trunc = self.tokenizer.encode([queries[i] for i in keep], [texts[i] for i in keep])
+            for i, e in zip(keep, enc):
+                ids[i] = e
+            truncated[keep] = trunc
+        codes: dict[tuple[int, str], int] = {}
+        group = np.fromiter(
+            (codes.setdefault((0, q) if q is not None else (1, query or ""), len(codes))
+             for q, query in zip(query_ids, queries)),
+            dtype=np.int64, count=table.num_rows,
+        )
+        scores = self.reranker.score_ids(ids, group)
+        n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        return (
+            table.drop_columns(["query", "text"])
+            .append_column("score", pa.array(scores, type=pa.float32()))
+            .append_column("n_tokens", pa.array(n_tokens))
+            .append_column("truncated", pa.array(truncated))
+        )
