@@ -33,3 +33,14 @@ def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
     """Tokens computed including padding, for efficiency reports."""
     lengths = np.asarray(lengths)
     return int(sum(len(b) * int(lengths[b].max()) for b in batches if len(b)))
+
+
+def right_pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) of shape rows × longest, real tokens first: positions start at 0 in every row."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = s
+        mask[r, : len(s)] = 1
+    return ids, mask

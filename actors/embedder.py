@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import padded_tokens, plan_micro_batches
-from actors.loading import ModelLoadError, load_model, load_tokenizer, resolve_device, resolve_dtype
+from actors.batching import padded_tokens, plan_micro_batches, right_pad
+from actors.loading import load_model, load_tokenizer, pad_id, resolve_device, resolve_dtype
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
+from pipelines.errors import ModelLoadError
 
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
@@ -39,7 +40,7 @@ class Embedder:
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         tok = load_tokenizer(path, revision)
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_token_id = pad_id(tok)
         self.model = load_model(path, revision, self.dtype, self.device)
         self.hidden_size = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > self.hidden_size:
@@ -53,12 +54,7 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
+        ids, mask = right_pad(seqs, self.pad_token_id)
         input_ids = torch.from_numpy(ids).to(self.device)
         attention_mask = torch.from_numpy(mask).to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -35,6 +35,11 @@ def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenize
     return tok
 
 
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding; any id works (it is masked), the tokenizer's own pad token by choice."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def _from_pretrained(auto_class, path: str, revision: str | None, dtype: torch.dtype,
                      device: torch.device) -> torch.nn.Module:
     try:

@@ -20,9 +20,10 @@ import pyarrow as pa
 import torch
 from transformers import DynamicCache
 
-from actors.batching import padded_tokens, plan_micro_batches
-from actors.loading import ModelLoadError, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from actors.batching import padded_tokens, plan_micro_batches, right_pad
+from actors.loading import load_causal_lm, load_tokenizer, pad_id, resolve_device, resolve_dtype
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
+from pipelines.errors import ModelLoadError
 
 MIN_SHARED_PREFIX = 16
 """A group whose candidates share fewer tokens than this is scored on the plain path."""
@@ -125,7 +126,7 @@ class Reranker:
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         tok = load_tokenizer(path, revision)
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_token_id = pad_id(tok)
         self.no_id, self.yes_id = answer_token_ids(tok, path)
         self.model = load_causal_lm(path, revision, self.dtype, self.device)
         self.base = self.model.model
@@ -144,23 +145,13 @@ class Reranker:
         logits = torch.nn.functional.linear(last_hidden, self._answer_weight, self._answer_bias).float()
         return torch.softmax(logits, dim=-1)[:, 1]
 
-    @staticmethod
-    def _right_padded(seqs: list[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), pad, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
-        return ids, mask
-
     def _last_hidden(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]
 
     @torch.inference_mode()
     def _forward_plain(self, seqs: list[np.ndarray]) -> np.ndarray:
-        ids, mask = self._right_padded(seqs, self.pad_token_id)
+        ids, mask = right_pad(seqs, self.pad_token_id)
         hidden = self.base(input_ids=torch.from_numpy(ids).to(self.device),
                            attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False).last_hidden_state
         return self._p_yes(self._last_hidden(hidden, [len(s) for s in seqs])).cpu().numpy()
@@ -177,7 +168,7 @@ class Reranker:
     def _forward_after_prefix(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: int,
                               rests: list[np.ndarray]) -> np.ndarray:
         """Scores of rows that continue a cached prefix; each row's remainder is right-padded."""
-        ids, rest_mask = self._right_padded(rests, self.pad_token_id)
+        ids, rest_mask = right_pad(rests, self.pad_token_id)
         batch, width = ids.shape
         cache = DynamicCache()
         for layer_idx, (k, v) in enumerate(prefix_kv):

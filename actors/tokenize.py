@@ -23,7 +23,6 @@ class TextTokenizer:
         self.instruction = instruction
         self.max_length = max_length
         tok = load_tokenizer(path, revision)
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
         self._backend.no_padding()
         self._backend.enable_truncation(max_length=max_length)
