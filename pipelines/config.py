@@ -136,6 +136,10 @@ class ComputeConfig(_Strict):
 
 class RunConfig(_Strict):
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
+    lock_stale_s: float = Field(
+        600.0, gt=0, description="A writer lock whose heartbeat is older than this belongs to a dead job and is "
+        "taken over; heartbeats are written every fifth of it."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."
     )

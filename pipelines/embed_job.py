@@ -11,6 +11,7 @@ from pipelines.commit import OutputRoot
 from pipelines.config import EmbedJobConfig
 from pipelines.errors import ModelLoadError
 from pipelines.fingerprint import embed_fingerprint
+from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
 from pipelines.runner import process_items, totals
 from pipelines.storage import Storage
@@ -65,9 +66,9 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
     """Run (or resume) one embedding job; returns its summary. Progress and summary go to `stream`."""
     stream = stream or sys.stderr
     preflight_model(cfg.model.path, cfg.model.dimensions)
+    plan = make_plan(cfg.input)
+    print(plan.describe(), file=stream, flush=True)
     if dry_run:
-        plan = make_plan(cfg.input)
-        print(plan.describe(), file=stream, flush=True)
         return {"dry_run": True, "files": len(plan.files), "items": len(plan.items), "rows": plan.known_rows,
                 "est_tokens": plan.est_tokens}
 
@@ -75,14 +76,16 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
 
     root = OutputRoot(Storage(cfg.output.path, cfg.output_storage_options))
     fingerprint = embed_fingerprint(cfg)
-    outcome = process_items(
-        source=cfg.input, root=root, fingerprint=fingerprint, recorded_config=recorded_config(cfg), run=cfg.run,
-        build_graph=lambda items: build_embed_graph(cfg, items, root.storage, fingerprint), label="embed",
-        stream=stream)
-    commits = root.read_commits()
-    removed = root.remove_orphans(commits)
-    all_totals = {**totals(list(commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
-    root.write_success(all_totals)
+    with OutputLock(root.storage, cfg.run.lock_stale_s, stream):
+        outcome = process_items(
+            plan=plan, source=cfg.input, root=root, fingerprint=fingerprint, recorded_config=recorded_config(cfg),
+            run=cfg.run,
+            build_graph=lambda items: build_embed_graph(cfg, items, root.storage, fingerprint), label="embed",
+            stream=stream)
+        commits = root.read_commits()
+        removed = root.remove_orphans(commits)
+        all_totals = {**totals(list(commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
+        root.write_success(all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
     return summary

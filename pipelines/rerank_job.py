@@ -17,6 +17,7 @@ from pipelines.config import RerankJobConfig
 from pipelines.embed_job import preflight_model, recorded_config, summarize
 from pipelines.errors import OutputError
 from pipelines.fingerprint import rerank_fingerprint
+from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
 from pipelines.runner import process_items, totals
 from pipelines.storage import Storage
@@ -67,11 +68,12 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
     """Run (or resume) one reranking job; returns its summary."""
     stream = stream or sys.stderr
     preflight_model(cfg.model.path)
+    plan = make_plan(cfg.input)
+    print(plan.describe(), file=stream, flush=True)
+    doc_items = make_plan(cfg.documents).items if cfg.documents is not None else []
+    if cfg.documents is not None:
+        print(f"documents: {len(doc_items)} work item(s)", file=stream, flush=True)
     if dry_run:
-        plan = make_plan(cfg.input)
-        print(plan.describe(), file=stream, flush=True)
-        if cfg.documents is not None:
-            print("documents " + make_plan(cfg.documents).describe(), file=stream, flush=True)
         return {"dry_run": True, "files": len(plan.files), "items": len(plan.items), "rows": plan.known_rows,
                 "est_tokens": plan.est_tokens}
 
@@ -79,22 +81,23 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
 
     root = OutputRoot(Storage(cfg.output.path, cfg.output_storage_options))
     fingerprint = rerank_fingerprint(cfg)
-    doc_items = make_plan(cfg.documents).items if cfg.documents is not None else []
-    outcome = process_items(
-        source=cfg.input, root=root, fingerprint=fingerprint, recorded_config=recorded_config(cfg), run=cfg.run,
-        build_graph=lambda items: build_score_graph(cfg, items, doc_items, root.storage, fingerprint),
-        label="rerank", stream=stream, before_new_work=root.drop_rank_commits)
-    ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, stream)
-    commits = root.read_commits()
-    removed = root.remove_orphans(commits)
-    scored = totals(list(commits.values()))
-    duplicates = sum(c["rejected"] for c in ranks.values())
-    reasons = dict(scored["reject_reasons"], **({"duplicate_pair": duplicates} if duplicates else {}))
-    all_totals = {**scored, "rejected": scored["rejected"] + duplicates, "reject_reasons": dict(sorted(reasons.items())),
-                  "scored": scored["rows"], "rows": sum(c["rows"] for c in ranks.values()),
-                  "queries": sum(c["queries"] for c in ranks.values()), "top_k": cfg.output.top_k,
-                  "wall_s": round(outcome.progress.elapsed, 3)}
-    root.write_success(all_totals)
+    with OutputLock(root.storage, cfg.run.lock_stale_s, stream):
+        outcome = process_items(
+            plan=plan, source=cfg.input, root=root, fingerprint=fingerprint, recorded_config=recorded_config(cfg),
+            run=cfg.run,
+            build_graph=lambda items: build_score_graph(cfg, items, doc_items, root.storage, fingerprint),
+            label="rerank", stream=stream, before_new_work=root.drop_rank_commits)
+        ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, stream)
+        commits = root.read_commits()
+        removed = root.remove_orphans(commits)
+        scored = totals(list(commits.values()))
+        duplicates = sum(c["rejected"] for c in ranks.values())
+        reasons = dict(scored["reject_reasons"], **({"duplicate_pair": duplicates} if duplicates else {}))
+        all_totals = {**scored, "rejected": scored["rejected"] + duplicates, "reject_reasons": dict(sorted(reasons.items())),
+                      "scored": scored["rows"], "rows": sum(c["rows"] for c in ranks.values()),
+                      "queries": sum(c["queries"] for c in ranks.values()), "top_k": cfg.output.top_k,
+                      "wall_s": round(outcome.progress.elapsed, 3)}
+        root.write_success(all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
     return summary

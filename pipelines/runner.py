@@ -15,7 +15,7 @@ from pipelines.commit import Committer, OutputRoot
 from pipelines.config import RunConfig, SourceConfig
 from pipelines.errors import OutputError
 from pipelines.fingerprint import fingerprint_id
-from pipelines.plan import Plan, WorkItem, make_plan
+from pipelines.plan import Plan, WorkItem
 from pipelines.progress import Progress
 from pipelines.reading import read_item
 
@@ -47,14 +47,12 @@ def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
             "tokens": sum(c["tokens"] for c in commits)}
 
 
-def process_items(*, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
+def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
                   recorded_config: dict[str, Any], run: RunConfig,
                   build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,
                   before_new_work: Callable[[], None] | None = None) -> ItemsOutcome:
-    """Commit every planned item of `source` exactly once, resuming from what is already committed."""
+    """Commit every item of `plan` (made from `source`) exactly once, resuming from what is already committed."""
     stream = stream or sys.stderr
-    plan = make_plan(source)
-    print(plan.describe(), file=stream, flush=True)
     fp_id = fingerprint_id(fingerprint)
     existing = root.prepare(fingerprint, fp_id, plan.items, recorded_config)
     todo = [i for i in plan.items if i.item_id not in existing]
