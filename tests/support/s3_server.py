@@ -37,7 +37,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from support.sockets import Listener, listening_sockets, process_group_pids
 
 LOOPBACK = "127.0.0.1"
 
@@ -77,13 +79,6 @@ class S3ServerError(RuntimeError):
 
 class _ExitedDuringStartup(S3ServerError):
     pass
-
-
-class Listener(NamedTuple):
-    proto: str  # "tcp", "tcp6", "udp" or "udp6"
-    host: str
-    port: int
-    inode: int
 
 
 def find_weed_binary() -> str:
@@ -146,49 +141,6 @@ def _pick_ports() -> dict[str, int]:
     finally:
         for sock in held:
             sock.close()
-
-
-def _process_group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After "pid (comm)": state ppid pgrp ...
-        if int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
-
-
-def _socket_inodes(pids: list[int]) -> set[int]:
-    inodes = set()
-    for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[len("socket:[") : -1]))
-    return inodes
-
-
-def _decode_proc_address(hex_addr: str) -> tuple[str, int]:
-    host_hex, port_hex = hex_addr.split(":")
-    raw = bytes.fromhex(host_hex)
-    # /proc/net/* prints each 32-bit word in host (little-endian) order.
-    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-    return socket.inet_ntop(family, raw), int(port_hex, 16)
 
 
 class S3Server:
@@ -392,7 +344,7 @@ class S3Server:
                     self._signal_group(pgid, signal.SIGKILL)
                     proc.wait(10)
             # The group leader is reaped; kill anything left in its group.
-            if _process_group_pids(pgid):
+            if process_group_pids(pgid):
                 self._signal_group(pgid, signal.SIGKILL)
             self._remove_stray_sockets()
         if self._log_file is not None:
@@ -470,27 +422,7 @@ class S3Server:
         """TCP LISTEN and bound UDP sockets owned by the weed process group."""
         if self._proc is None:
             raise S3ServerError("S3Server not started")
-        pids = _process_group_pids(self._proc.pid)
-        inodes = _socket_inodes(pids)
-        found = []
-        for proto, wanted_state in (
-            ("tcp", "0A"),
-            ("tcp6", "0A"),
-            ("udp", "07"),
-            ("udp6", "07"),
-        ):
-            try:
-                with open(f"/proc/{self._proc.pid}/net/{proto}", encoding="ascii") as fh:
-                    lines = fh.read().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], int(fields[9])
-                if state == wanted_state and inode in inodes:
-                    host, port = _decode_proc_address(local)
-                    found.append(Listener(proto, host, port, inode))
-        return found
+        return listening_sockets(process_group_pids(self._proc.pid))
 
     @property
     def listened_ports(self) -> set[int]:

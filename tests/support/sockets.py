@@ -1,0 +1,93 @@
+"""Which sockets a set of processes listens on, read from /proc (no psutil needed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import NamedTuple
+
+
+class Listener(NamedTuple):
+    proto: str  # "tcp", "tcp6", "udp" or "udp6"
+    host: str
+    port: int
+    inode: int
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_group_pids(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid`."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat_fields(entry)
+        if fields is not None and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def descendant_pids(root: int) -> list[int]:
+    """`root` and every live process below it (by parent pid)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat_fields(entry)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _socket_inodes(pids: list[int]) -> set[int]:
+    inodes = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def _decode_proc_address(hex_addr: str) -> tuple[str, int]:
+    host_hex, port_hex = hex_addr.split(":")
+    raw = bytes.fromhex(host_hex)
+    # /proc/net/* prints each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(port_hex, 16)
+
+
+def listening_sockets(pids: list[int]) -> list[Listener]:
+    """TCP LISTEN and bound UDP sockets owned by any of `pids`."""
+    inodes = _socket_inodes(pids)
+    found = []
+    for proto, wanted_state in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+        try:
+            with open(f"/proc/{pids[0]}/net/{proto}", encoding="ascii") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state == wanted_state and inode in inodes:
+                host, port = _decode_proc_address(local)
+                found.append(Listener(proto, host, port, inode))
+    return found
