@@ -66,7 +66,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     summary = run_embed(cfg, dry_run=args.dry_run)
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(summary), flush=True)
     return 0
 
 
@@ -77,7 +77,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, schema=RerankJobConfig)
     summary = run_rerank(cfg, dry_run=args.dry_run)
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(summary), flush=True)
     return 0
 
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set output.path=s3://bucket/v1 (repeatable)")
         job.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no output")
-        job.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+        job.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
         job.set_defaults(func=func)
 
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")

@@ -15,6 +15,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
+from pipelines import failpoints
 from pipelines.errors import OutputError
 from pipelines.fingerprint import describe_difference
 from pipelines.plan import WorkItem
@@ -116,7 +117,10 @@ class OutputRoot:
         return orphans
 
     def write_commit(self, record: dict[str, Any]) -> None:
+        """The commit point of an item: one atomic object write (temp + rename locally, one PUT on S3)."""
+        failpoints.hit("before_commit_write")
         self.storage.write_bytes(f"{COMMITS_DIR}/{record['item']}.json", _dumps(record))
+        failpoints.hit("after_commit_write")
 
     def write_success(self, totals: dict[str, Any]) -> None:
         self.storage.write_bytes(SUCCESS_FILE, _dumps({**totals, "finished_at": _now()}))

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
+from pipelines import failpoints
 from pipelines.storage import Storage
 
 DATA_DIR = "data"
@@ -84,6 +85,7 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
                   "data_file": None, "data_rows": 0, "data_sha256": None, "data_bytes": 0,
                   "reject_file": None, "reject_rows": 0, "reject_sha256": None, "reject_reasons": None,
                   "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
+        failpoints.hit("before_piece_write")
         if good.num_rows:
             rel, digest, size = put_piece(storage, data_dir, stem, good.select(output_columns), fingerprint_json)
             record.update(data_file=rel, data_rows=good.num_rows, data_sha256=digest, data_bytes=size)
@@ -94,4 +96,5 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
             record.update(reject_file=rel, reject_rows=bad.num_rows, reject_sha256=digest,
                           reject_reasons=json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True))
         records.append(record)
+    failpoints.hit("after_piece_write")
     return pa.Table.from_pylist(records, schema=PIECE_SCHEMA)

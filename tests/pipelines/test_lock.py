@@ -38,6 +38,25 @@ def test_a_live_lock_refuses_a_second_writer(cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_FILE]
 
 
+def test_a_dead_local_owner_is_known_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({
+        "token": "t", "owner": "crashed driver", "host": socket.gethostname(), "pid": int(dead.stdout),
+        "pid_start": "1", "started": 0, "heartbeat": time.time()}))
+    lock = OutputLock(Storage(str(tmp_path / "out")), stale_after_s=600)
+    lock.acquire()
+    lock.release()
+    live = OutputLock(Storage(str(tmp_path / "out")), stale_after_s=600).acquire()
+    with pytest.raises(OutputError, match="being written by another job"):
+        OutputLock(Storage(str(tmp_path / "out")), stale_after_s=600).acquire()
+    live.release()
+
+
 def test_the_lock_beats_while_held_and_is_released(tmp_path):
     lock = OutputLock(Storage(str(tmp_path)), stale_after_s=0.5)
     with lock:
