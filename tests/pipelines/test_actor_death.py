@@ -1,0 +1,77 @@
+"""Model replicas SIGKILLed mid-job: Ray restarts them, the job finishes, rows come out once, bytes unchanged."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import EmbedJobConfig
+from pipelines.embed_job import run_embed
+from pipelines.verify import read_committed, verify_output
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+def replica_pids():
+    """Live embedding replicas, from Ray's actor table in the GCS (the state API's HTTP server needs the
+    dashboard, which the tests keep off)."""
+    from ray._private.state import state
+
+    return [a["Pid"] for a in state.actor_table(None).values()
+            if a["State"] == "ALIVE" and "EmbedReplica" in a["ActorClassName"] and a.get("Pid")]
+
+
+def config(corpus, out, model):
+    return EmbedJobConfig.model_validate({
+        "input": {"paths": [str(corpus / "*.parquet")], "id_column": "doc_id", "rows_per_item": 40},
+        "model": {"path": str(model), "max_length": 64},
+        "output": {"path": str(out)},
+        "compute": {"batch_rows": 40},
+        "run": {"progress_interval_s": 1},
+    })
+
+
+def test_replicas_killed_three_times_change_nothing(ray_local, tmp_path, tiny_embedding_model):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(3)
+    words = "replicas die and come back while rows keep flowing through the pool".split()
+    ids = [f"d{i}" for i in range(1200)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(5, 60)))) for _ in ids]
+    for shard in range(3):
+        part = slice(shard * 400, (shard + 1) * 400)
+        pq.write_table(pa.table({"doc_id": ids[part], "text": texts[part]}), corpus / f"p{shard}.parquet",
+                       row_group_size=40)
+
+    clean = run_embed(config(corpus, tmp_path / "clean", tiny_embedding_model))
+    assert clean["totals"]["rows"] == 1200
+
+    result, kills = {}, []
+    job = threading.Thread(target=lambda: result.update(
+        summary=run_embed(config(corpus, tmp_path / "chaos", tiny_embedding_model))), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 300
+    while len(kills) < 3 and job.is_alive() and time.monotonic() < deadline:
+        commits = tmp_path / "chaos" / "_commits"
+        done = len(list(commits.glob("*.json"))) if commits.exists() else 0
+        pids = replica_pids()
+        if pids and done >= 2 + 8 * len(kills):
+            os.kill(pids[0], signal.SIGKILL)
+            kills.append((pids[0], done))
+        time.sleep(0.2)
+    job.join(timeout=600)
+    assert len(kills) == 3, f"only {len(kills)} kill(s) happened before the job ended: {kills}"
+    assert "summary" in result, "the job did not finish"
+
+    report = verify_output(str(tmp_path / "chaos"))
+    assert report.ok, report.problems
+    chaos = read_committed(str(tmp_path / "chaos")).sort_by("id")
+    calm = read_committed(str(tmp_path / "clean")).sort_by("id")
+    assert chaos.column("id").to_pylist() == calm.column("id").to_pylist() == sorted(ids)
+    a = np.stack(chaos.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(calm.column("embedding").to_numpy(zero_copy_only=False))
+    assert a.tobytes() == b.tobytes()
+    print(f"\nkilled replicas {kills} (pid, items committed at the kill); output identical to the clean run")
