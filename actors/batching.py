@@ -6,7 +6,19 @@ compute is spent on padding; callers scatter results back to input order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """What a replica computed: rows, real tokens, tokens including padding, seconds in forward passes."""
+
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_s: float = 0.0
 
 
 def plan_micro_batches(lengths: np.ndarray, max_tokens: int, max_rows: int | None = None) -> list[np.ndarray]:

@@ -6,15 +6,14 @@ pool, and tests call it directly.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import padded_tokens, plan_micro_batches, right_pad
-from actors.loading import load_model, load_tokenizer, pad_id, resolve_device, resolve_dtype
+from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
+from actors.loading import load_model, load_tokenizer, pad_id, placement
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
 from pipelines.errors import ModelLoadError
@@ -22,23 +21,12 @@ from pipelines.errors import ModelLoadError
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
-@dataclasses.dataclass
-class EmbedStats:
-    rows: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    forward_s: float = 0.0
-
-
 class Embedder:
     """Runs the model on token id sequences, sorted and cut by a token budget, results in input order."""
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  dimensions: int | None = None, max_batch_tokens: int = 16384, num_threads: int | None = None):
-        self.device = resolve_device(num_gpus)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if self.device.type == "cpu" and num_threads:
-            torch.set_num_threads(num_threads)
+        self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
         self.model = load_model(path, revision, self.dtype, self.device)
@@ -50,7 +38,7 @@ class Embedder:
         self.dimensions = dimensions
         self.dim = dimensions or self.hidden_size
         self.max_batch_tokens = max_batch_tokens
-        self.stats = EmbedStats()
+        self.stats = BatchStats()
 
     @torch.inference_mode()
     def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:

@@ -23,6 +23,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def placement(num_gpus: float, dtype: str, num_threads: int | None) -> tuple[torch.device, torch.dtype]:
+    """Where a replica computes and in what precision; a CPU replica uses `num_threads` threads."""
+    device = resolve_device(num_gpus)
+    if device.type == "cpu" and num_threads:
+        torch.set_num_threads(num_threads)
+    return device, resolve_dtype(dtype, device)
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """One tokenizer per process and model, shared by every batch the process tokenizes."""

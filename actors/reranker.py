@@ -20,8 +20,8 @@ import pyarrow as pa
 import torch
 from transformers import DynamicCache
 
-from actors.batching import padded_tokens, plan_micro_batches, right_pad
-from actors.loading import load_causal_lm, load_tokenizer, pad_id, resolve_device, resolve_dtype
+from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
+from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from pipelines.errors import ModelLoadError
 
@@ -102,11 +102,7 @@ def _groups(keys: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
 
 
 @dataclasses.dataclass
-class RerankStats:
-    rows: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    forward_s: float = 0.0
+class RerankStats(BatchStats):
     shared_groups: int = 0
     prefix_tokens_saved: int = 0
 
@@ -121,10 +117,7 @@ class Reranker:
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  max_batch_tokens: int = 16384, num_threads: int | None = None, share_prefix: bool = True):
-        self.device = resolve_device(num_gpus)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if self.device.type == "cpu" and num_threads:
-            torch.set_num_threads(num_threads)
+        self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
         self.no_id, self.yes_id = answer_token_ids(tok, path)

@@ -69,8 +69,7 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     if dry_run:
-        return {"dry_run": True, "files": len(plan.files), "items": len(plan.items), "rows": plan.known_rows,
-                "est_tokens": plan.est_tokens}
+        return plan.summary()
 
     from pipelines.graph import build_embed_graph
 

@@ -64,6 +64,10 @@ class Plan:
     def est_tokens(self) -> int:
         return sum(i.est_tokens for i in self.items)
 
+    def summary(self) -> dict[str, Any]:
+        return {"dry_run": True, "files": len(self.files), "items": len(self.items), "rows": self.known_rows,
+                "est_tokens": self.est_tokens}
+
     def describe(self) -> str:
         rows = f"{self.known_rows:,}"
         if self.unknown_row_items:

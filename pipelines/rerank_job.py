@@ -74,8 +74,7 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
     if cfg.documents is not None:
         print(f"documents: {len(doc_items)} work item(s)", file=stream, flush=True)
     if dry_run:
-        return {"dry_run": True, "files": len(plan.files), "items": len(plan.items), "rows": plan.known_rows,
-                "est_tokens": plan.est_tokens}
+        return plan.summary()
 
     from pipelines.graph import build_score_graph
 
@@ -93,8 +92,9 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
         scored = totals(list(commits.values()))
         duplicates = sum(c["rejected"] for c in ranks.values())
         reasons = dict(scored["reject_reasons"], **({"duplicate_pair": duplicates} if duplicates else {}))
-        all_totals = {**scored, "rejected": scored["rejected"] + duplicates, "reject_reasons": dict(sorted(reasons.items())),
-                      "scored": scored["rows"], "rows": sum(c["rows"] for c in ranks.values()),
+        all_totals = {**scored, "rejected": scored["rejected"] + duplicates,
+                      "reject_reasons": dict(sorted(reasons.items())), "scored": scored["rows"],
+                      "rows": sum(c["rows"] for c in ranks.values()),
                       "queries": sum(c["queries"] for c in ranks.values()), "top_k": cfg.output.top_k,
                       "wall_s": round(outcome.progress.elapsed, 3)}
         root.write_success(all_totals)
