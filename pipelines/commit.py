@@ -1,9 +1,11 @@
 """The output root and its commit protocol: the driver is the single committer.
 
-Layout: `data/` and `_rejects/` hold pieces; `_commits/<item>.json` is the
-commit point of one work item and names exactly the files that tile it;
-`_job.json` records fingerprint and plan; `_SUCCESS` closes a finished run.
-Files no commit names are orphans of crashed attempts and are deleted.
+Layout: `data/`, `_scores/` and `_rejects/` hold pieces; `_commits/<item>.json`
+is the commit point of one work item and names exactly the files that tile it;
+`_rank_commits/<bucket>.json` does the same for one ranked bucket of a rerank
+job; `_job.json` records fingerprint and plan; `_SUCCESS` closes a finished
+run; `_lock.json` names the one writer. Files no commit names are orphans of
+crashed attempts and are deleted.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ class OutputRoot:
     def read_job(self) -> dict[str, Any] | None:
         return self.read_json(JOB_FILE)
 
+    def _names(self, folder: str) -> list[str]:
+        return [p.rsplit("/", 1)[-1][: -len(".json")] for p in self.storage.list_files(folder) if p.endswith(".json")]
+
     def commit_ids(self) -> list[str]:
-        return [p.rsplit("/", 1)[-1][: -len(".json")] for p in self.storage.list_files(COMMITS_DIR)
-                if p.endswith(".json")]
+        return self._names(COMMITS_DIR)
 
     def read_commits(self, item_ids: Iterable[str] | None = None, max_workers: int = 16) -> dict[str, dict]:
         ids = list(self.commit_ids() if item_ids is None else item_ids)
@@ -93,9 +97,7 @@ class OutputRoot:
         return commits
 
     def read_rank_commits(self) -> dict[str, dict]:
-        names = [p.rsplit("/", 1)[-1][: -len(".json")] for p in self.storage.list_files(RANK_COMMITS_DIR)
-                 if p.endswith(".json")]
-        found = {n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json") for n in names}
+        found = {n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json") for n in self._names(RANK_COMMITS_DIR)}
         return {n: c for n, c in found.items() if c is not None}
 
     def drop_rank_commits(self) -> int:

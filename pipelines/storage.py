@@ -19,7 +19,10 @@ GLOB_CHARS = "*?["
 
 
 def _protocol_prefix(fs: fsspec.AbstractFileSystem, url: str) -> str:
-    return "" if isinstance(fs, LocalFileSystem) else url.split("://", 1)[0] + "://" if "://" in url else ""
+    """`s3://` for `s3://b/x/*.parquet`: glob results come back without it; local paths need none."""
+    if isinstance(fs, LocalFileSystem) or "://" not in url:
+        return ""
+    return url.split("://", 1)[0] + "://"
 
 
 class Storage:
