@@ -81,9 +81,8 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
             run=cfg.run,
             build_graph=lambda items: build_embed_graph(cfg, items, root.storage, fingerprint), label="embed",
             stream=stream)
-        commits = root.read_commits()
-        removed = root.remove_orphans(commits)
-        all_totals = {**totals(list(commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
+        removed = root.remove_orphans(outcome.commits)
+        all_totals = {**totals(list(outcome.commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
         root.write_success(all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)

@@ -36,9 +36,8 @@ def _rank_commit(record: dict[str, Any], fp_id: str) -> dict[str, Any]:
 
 
 def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, Any], fp_id: str,
-                stream: TextIO) -> dict[str, dict]:
-    """Phase 2: rank the committed scores bucket by bucket; returns every rank commit."""
-    commits = root.read_commits()
+                commits: dict[str, dict], stream: TextIO) -> dict[str, dict]:
+    """Phase 2: rank the committed scores (`commits`: every item's) bucket by bucket; returns every rank commit."""
     scored = sum(c["rows"] for c in commits.values())
     done = root.read_rank_commits()
     if scored and sum(c["scored"] for c in done.values()) < scored:
@@ -86,10 +85,9 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
             run=cfg.run,
             build_graph=lambda items: build_score_graph(cfg, items, doc_items, root.storage, fingerprint),
             label="rerank", stream=stream, before_new_work=root.drop_rank_commits)
-        ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, stream)
-        commits = root.read_commits()
-        removed = root.remove_orphans(commits)
-        scored = totals(list(commits.values()))
+        ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, outcome.commits, stream)
+        removed = root.remove_orphans(outcome.commits)
+        scored = totals(list(outcome.commits.values()))
         duplicates = sum(c["rejected"] for c in ranks.values())
         reasons = dict(scored["reject_reasons"], **({"duplicate_pair": duplicates} if duplicates else {}))
         all_totals = {**scored, "rejected": scored["rejected"] + duplicates,

@@ -22,11 +22,10 @@ from pipelines.reading import read_item
 
 @dataclasses.dataclass
 class ItemsOutcome:
-    plan: Plan
-    root: OutputRoot
     fingerprint_id: str
     progress: Progress
-    processed: int
+    commits: dict[str, dict[str, Any]]
+    """Every item's commit record, earlier runs' and this run's (no second listing of `_commits/`)."""
 
 
 def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[dict[str, Any]]:
@@ -62,8 +61,14 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
 
     committer = Committer(root, fp_id, todo)
     progress = Progress(len(plan.items), len(existing), plan.known_rows, run.progress_interval_s, stream, label)
-    for commit in committer.commit_empty():
+    commits = dict(existing)
+
+    def record(commit: dict[str, Any]) -> None:
+        commits[commit["item"]] = commit
         progress.update(commit)
+
+    for commit in committer.commit_empty():
+        record(commit)
     if committer.pending:
         from pipelines.ray_runtime import ensure_ray, quiet_ray_data
 
@@ -74,9 +79,9 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
             for piece in batch.to_pylist():
                 commit = committer.add(piece)
                 if commit is not None:
-                    progress.update(commit)
+                    record(commit)
     for commit in _commit_empty_jsonl(committer, source):
-        progress.update(commit)
+        record(commit)
     if committer.pending:
         unfinished = committer.group_unfinished()
         example = next(iter(unfinished.items()))
@@ -84,4 +89,4 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
             f"{len(unfinished)} work item(s) did not complete (e.g. {example[0]} with pieces {example[1]}); "
             "nothing partial was committed; rerun the same command to resume"
         )
-    return ItemsOutcome(plan, root, fp_id, progress, len(todo))
+    return ItemsOutcome(fp_id, progress, commits)
