@@ -15,7 +15,7 @@ import datetime as dt
 import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pipelines import failpoints
 from pipelines.errors import OutputError
@@ -159,6 +159,13 @@ class Committer:
         empty = [s for s in self.pending.values() if s.rows == 0]
         return [self._commit(s, []) for s in empty]
 
+    def commit_bad_files(self, write_marker: Callable[[WorkItem], dict[str, Any]]) -> list[dict[str, Any]]:
+        """Files rejected whole at planning commit at once with their `_rejects/` marker, and no rows."""
+        bad = [s for s in self.pending.values() if s.item.bad_reason]
+        for s in bad:
+            s.rows = 0
+        return [self._commit(s, [write_marker(s.item)]) for s in bad]
+
     def add(self, piece: dict[str, Any]) -> dict[str, Any] | None:
         """Take one piece record; return the commit record if this piece completed its item."""
         state = self.pending.get(piece["item"])
@@ -193,6 +200,8 @@ class Committer:
             "tokens": sum(p["tokens"] for p in pieces),
             "committed_at": _now(),
         }
+        if item.bad_reason:
+            record.update(rejected=0, bad_file={"reason": item.bad_reason, "detail": item.bad_detail})
         self.root.write_commit(record)
         del self.pending[item.item_id]
         return record

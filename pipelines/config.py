@@ -57,6 +57,12 @@ class SourceConfig(_Strict):
         description="Target rows per work item; Parquet files are split at row-group boundaries. "
         "A work item is the unit of commit and of resume.",
     )
+    on_bad_file: Literal["reject", "fail"] = Field(
+        "reject",
+        description="A Parquet file that cannot be decoded (truncated, corrupt) or lacks the configured columns: "
+        "`reject` records it in _rejects/ with its work item and goes on; `fail` stops the job. Store "
+        "errors (network, permissions) always stop the job and never reject data.",
+    )
 
     def fields(self) -> list[FieldSpec]:
         raise NotImplementedError

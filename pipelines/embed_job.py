@@ -59,6 +59,10 @@ def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) 
           f"{all_totals['rows']:,} rows committed · {all_totals['rejected']:,} rejected ({reasons}) · "
           f"{all_totals['tokens']:,} tokens · {outcome.progress.elapsed:.1f}s · output {output}",
           file=stream, flush=True)
+    bad = all_totals.get("rejected_files") or []
+    if bad:
+        print(f"WARNING: {len(bad)} file(s) rejected whole (see _rejects/): "
+              + ", ".join(f"{f['file']} ({f['reason']})" for f in bad), file=stream, flush=True)
     return summary
 
 

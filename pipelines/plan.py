@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.config import SourceConfig
 from pipelines.errors import InputError
-from pipelines.storage import InputFile, expand_inputs, open_input
+from pipelines.parquet_io import CorruptFile, read_metadata
+from pipelines.storage import InputFile, expand_inputs
 
 BYTES_PER_TOKEN = 4.0
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
@@ -34,6 +34,9 @@ class WorkItem:
     row_end: int | None
     row_groups: tuple[int, int] | None
     est_tokens: int
+    bad_reason: str | None = None
+    """Set when the whole file is rejected at planning (`on_bad_file: reject`); `bad_detail` says why."""
+    bad_detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -61,6 +64,10 @@ class Plan:
         return sum(1 for i in self.items if i.row_end is None)
 
     @property
+    def bad_items(self) -> list[WorkItem]:
+        return [i for i in self.items if i.bad_reason]
+
+    @property
     def est_tokens(self) -> int:
         return sum(i.est_tokens for i in self.items)
 
@@ -70,12 +77,15 @@ class Plan:
 
     def describe(self) -> str:
         rows = f"{self.known_rows:,}"
-        if self.unknown_row_items:
-            rows += f" (+ {self.unknown_row_items} JSONL item(s) counted when read)"
-        return (
+        unknown = self.unknown_row_items - len(self.bad_items)
+        if unknown:
+            rows += f" (+ {unknown} JSONL item(s) counted when read)"
+        lines = [
             f"plan: {len(self.files)} file(s), {len(self.items)} work item(s), {rows} rows, "
             f"≈{self.est_tokens:,} tokens (estimated at {BYTES_PER_TOKEN:g} bytes/token)"
-        )
+        ]
+        lines += [f"WARNING: rejecting {i.rel} whole ({i.bad_reason}): {i.bad_detail}" for i in self.bad_items]
+        return "\n".join(lines)
 
 
 def _item_id(f: InputFile, start: int, end: int | None) -> str:
@@ -88,25 +98,30 @@ def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: SourceConfig) ->
     wanted = [fs.column for fs in fields if fs.column] + cfg.extra_columns
     missing = [c for c in wanted if c not in schema.names]
     if missing:
-        raise InputError(f"{f.url}: column(s) {missing} not found (file has {schema.names}); check the "
-                         "config's *_column settings")
+        raise CorruptFile("schema_mismatch", f"{f.url}: column(s) {missing} not found (file has "
+                          f"{schema.names}); check the config's *_column settings")
     for fs in fields:
         if fs.kind == "text" and fs.column:
             t = schema.field(fs.column).type
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
-                raise InputError(f"{f.url}: {fs.role} column {fs.column!r} has type {t}, expected string")
+                raise CorruptFile("schema_mismatch",
+                                  f"{f.url}: {fs.role} column {fs.column!r} has type {t}, expected string")
+
+
+def _bad_file(f: InputFile, bad: CorruptFile, cfg: SourceConfig) -> list[WorkItem]:
+    if cfg.on_bad_file == "fail":
+        raise InputError(f"{bad.detail} [on_bad_file: fail; set input.on_bad_file: reject to record the file "
+                         "in _rejects/ and go on]")
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "parquet", 0, None, None, 0, bad.reason, bad.detail)]
 
 
 def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
     try:
-        with open_input(f.url, cfg.storage_options) as fh:
-            meta = pq.ParquetFile(fh).metadata
-    except PermissionError as exc:
-        raise InputError(f"{f.url}: access denied ({exc})") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{f.url}: not a readable Parquet file ({exc})") from None
-    schema = meta.schema.to_arrow_schema()
-    _check_parquet_schema(f, schema, cfg)
+        meta = read_metadata(f.url, cfg.storage_options)
+        schema = meta.schema.to_arrow_schema()
+        _check_parquet_schema(f, schema, cfg)
+    except CorruptFile as bad:
+        return _bad_file(f, bad, cfg)
     text_cols = [fs.column for fs in cfg.fields() if fs.kind == "text" and fs.column]
     text_idx = [schema.get_field_index(c) for c in text_cols]
 
@@ -140,4 +155,8 @@ def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
             per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))
     else:
         per_file = [_plan_jsonl(f) for f in files]
-    return Plan(files=files, items=[item for items in per_file for item in items])
+    items = [item for items in per_file for item in items]
+    if items and all(i.bad_reason for i in items):
+        raise InputError(f"every input file is unusable, which points at the config rather than the data; "
+                         f"the first: {items[0].bad_detail}")
+    return Plan(files=files, items=items)

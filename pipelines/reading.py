@@ -13,10 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.config import FieldSpec, SourceConfig
 from pipelines.errors import InputError
+from pipelines.parquet_io import CorruptFile, read_row_groups
 from pipelines.plan import WorkItem
 from pipelines.storage import open_input
 
@@ -59,10 +59,11 @@ def _read_parquet(item: WorkItem, cfg: SourceConfig) -> pa.Table:
     columns = list(dict.fromkeys([fs.column for fs in fields if fs.column] + cfg.extra_columns))
     g0, g1 = item.row_groups or (0, 0)
     try:
-        with open_input(item.url, cfg.storage_options) as fh:
-            table = pq.ParquetFile(fh).read_row_groups(list(range(g0, g1)), columns=columns)
-    except (pa.ArrowInvalid, OSError, KeyError) as exc:
-        raise InputError(f"{item.url}: cannot read row groups {g0}..{g1 - 1} ({exc})") from None
+        table = read_row_groups(item.url, cfg.storage_options, range(g0, g1), columns)
+    except CorruptFile as bad:
+        if cfg.on_bad_file == "fail":
+            raise InputError(f"{bad.detail} [on_bad_file: fail]") from None
+        return _reject_unreadable(item, cfg, bad)
     if table.num_rows != item.row_end - item.row_start:
         raise InputError(f"{item.url}: expected {item.row_end - item.row_start} rows, read {table.num_rows} "
                          "(file changed since planning?)")
@@ -77,6 +78,28 @@ def _read_parquet(item: WorkItem, cfg: SourceConfig) -> pa.Table:
     result = pa.table({**{fs.role: out[fs.role] for fs in fields}, "_reject": reason})
     for col in cfg.extra_columns:
         result = result.append_column(col, table.column(col))
+    return _finish(item, result, item.row_start, fields)
+
+
+def _reject_unreadable(item: WorkItem, cfg: SourceConfig, bad: CorruptFile) -> pa.Table:
+    """Every row of an item whose row groups do not decode, rejected; ids kept where their column still reads."""
+    fields = cfg.fields()
+    n = item.row_end - item.row_start
+    out: dict[str, Any] = {}
+    for fs in fields:
+        values: Any = pa.nulls(n, pa.string())
+        if fs.kind == "id" and fs.column is None:
+            values = _default_ids(item, item.row_start, n)
+        elif fs.kind == "id":
+            try:
+                ids = read_row_groups(item.url, cfg.storage_options, range(*item.row_groups), [fs.column])
+                values = pc.cast(ids.column(fs.column), pa.string())
+            except CorruptFile:
+                pass
+        out[fs.role] = values
+    result = pa.table({**out, "_reject": pa.array([bad.reason] * n, pa.string())})
+    for col in cfg.extra_columns:
+        result = result.append_column(col, pa.nulls(n))
     return _finish(item, result, item.row_start, fields)
 
 

@@ -69,9 +69,14 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
     preflight_model(cfg.model.path)
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
-    doc_items = make_plan(cfg.documents).items if cfg.documents is not None else []
+    doc_items: list = []
     if cfg.documents is not None:
+        doc_plan = make_plan(cfg.documents)
+        doc_items = [i for i in doc_plan.items if not i.bad_reason]
         print(f"documents: {len(doc_items)} work item(s)", file=stream, flush=True)
+        for bad in doc_plan.bad_items:
+            print(f"WARNING: documents file {bad.rel} skipped ({bad.bad_reason}): {bad.bad_detail}; candidates "
+                  "that need its documents are rejected as unknown_doc", file=stream, flush=True)
     if dry_run:
         return plan.summary()
 
@@ -84,7 +89,8 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
             plan=plan, source=cfg.input, root=root, fingerprint=fingerprint, recorded_config=recorded_config(cfg),
             run=cfg.run,
             build_graph=lambda items: build_score_graph(cfg, items, doc_items, root.storage, fingerprint),
-            label="rerank", stream=stream, before_new_work=root.drop_rank_commits)
+            label="rerank", stream=stream, before_new_work=root.drop_rank_commits,
+            reject_id_columns=("query_id", "doc_id"))
         ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, outcome.commits, stream)
         removed = root.remove_orphans(outcome.commits)
         scored = totals(list(outcome.commits.values()))

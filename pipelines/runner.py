@@ -18,6 +18,7 @@ from pipelines.fingerprint import fingerprint_id
 from pipelines.plan import Plan, WorkItem
 from pipelines.progress import Progress
 from pipelines.reading import read_item
+from pipelines.writing import write_file_reject
 
 
 @dataclasses.dataclass
@@ -43,13 +44,16 @@ def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
             reasons[r] = reasons.get(r, 0) + n
     return {"items": len(commits), "rows": sum(c["rows"] for c in commits),
             "rejected": sum(c["rejected"] for c in commits), "reject_reasons": dict(sorted(reasons.items())),
-            "tokens": sum(c["tokens"] for c in commits)}
+            "tokens": sum(c["tokens"] for c in commits),
+            "rejected_files": sorted(({"file": c["source"], "reason": c["bad_file"]["reason"]}
+                                     for c in commits if c.get("bad_file")), key=lambda f: f["file"])}
 
 
 def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
                   recorded_config: dict[str, Any], run: RunConfig,
                   build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,
-                  before_new_work: Callable[[], None] | None = None) -> ItemsOutcome:
+                  before_new_work: Callable[[], None] | None = None,
+                  reject_id_columns: tuple[str, ...] = ("id",)) -> ItemsOutcome:
     """Commit every item of `plan` (made from `source`) exactly once, resuming from what is already committed."""
     stream = stream or sys.stderr
     fp_id = fingerprint_id(fingerprint)
@@ -68,6 +72,10 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
         progress.update(commit)
 
     for commit in committer.commit_empty():
+        record(commit)
+    for commit in committer.commit_bad_files(
+            lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, fingerprint,
+                                           reject_id_columns)):
         record(commit)
     if committer.pending:
         from pipelines.ray_runtime import ensure_ray, quiet_ray_data

@@ -84,6 +84,17 @@ def _load_checked(root: OutputRoot, f: dict[str, Any], owner: str, report: Repor
     return table
 
 
+def _check_file_reject(root: OutputRoot, commit: dict, report: Report) -> None:
+    """A file rejected whole commits no rows and exactly one `_rejects/` marker naming its reason."""
+    owner = f"commit {commit['item']}"
+    if commit["files"] or commit["rows"] or len(commit["rejects"]) != 1:
+        report.problems.append(f"{owner} rejects its file whole but names rows or no single marker")
+        return
+    table = _load_checked(root, commit["rejects"][0], owner, report)
+    if table is not None and table.column("reason").to_pylist() != [commit["bad_file"]["reason"]]:
+        report.problems.append(f"{owner}: its file-reject marker does not carry the reason {commit['bad_file']}")
+
+
 def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rerank: bool,
                  counts: collections.Counter) -> collections.Counter:
     """Every planned item committed; its files tile it; returns how often each row key was seen."""
@@ -96,6 +107,10 @@ def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rer
         counts["committed_items"] += 1
         if commit["fingerprint_id"] != job["fingerprint_id"]:
             report.problems.append(f"commit {item['item_id']} has another fingerprint")
+        if commit.get("bad_file"):
+            _check_file_reject(root, commit, report)
+            counts["rejected_files"] += 1
+            continue
         expected = commit["row_end"] - commit["row_start"]
         if item["row_end"] is not None and expected != item["row_end"] - item["row_start"]:
             report.problems.append(f"commit {item['item_id']} covers {expected} rows, the plan says otherwise")

@@ -65,6 +65,17 @@ def reject_table(rows: pa.Table, id_columns: list[str], reason: pa.Array | pa.Ch
                      "reason": reason, "item": rows.column("_item")})
 
 
+def write_file_reject(storage: Storage, item_id: str, reason: str, fingerprint: dict,
+                      id_columns: tuple[str, ...]) -> dict:
+    """The `_rejects/` marker of a file rejected whole: one row, no ids or row (unknown), its reason and item."""
+    marker = pa.table({**{c: pa.nulls(1, pa.string()) for c in id_columns}, "row": pa.nulls(1, pa.int64()),
+                       "reason": [reason], "item": [item_id]})
+    rel, digest, _ = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True))
+    return {"item": item_id, "start": 0, "end": 0, "item_rows": 0, "data_file": None, "data_rows": 0,
+            "data_sha256": None, "data_bytes": 0, "reject_file": rel, "reject_rows": 1, "reject_sha256": digest,
+            "reject_reasons": None, "tokens": 0}
+
+
 def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
                  data_dir: str = DATA_DIR, reject_id_columns: tuple[str, ...] = ("id",)) -> pa.Table:
     """Write every run of the batch as pieces; return one record per piece for the driver's commit loop."""

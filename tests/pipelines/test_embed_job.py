@@ -128,20 +128,23 @@ def test_jsonl_corpus_with_bad_lines_and_an_empty_file(ray_local, s3_bucket, s3_
     bucket, opts = s3_bucket
     fs = s3_server.filesystem()
     ids, texts = corpus_rows(9, 40, 9)
-    lines = [json.dumps({"doc_id": i, "text": t, "lang": "en"}) for i, t in zip(ids, texts)]
-    lines[5] = "{broken"
-    lines[6] = json.dumps({"doc_id": "s9-6", "text": 42, "lang": "en"})
-    fs.pipe(f"{bucket}/docs/a.jsonl", ("\n".join(lines) + "\n").encode())
+    lines = [json.dumps({"doc_id": i, "text": t, "lang": "en"}).encode() for i, t in zip(ids, texts)]
+    lines[5] = b"{broken"
+    lines[6] = json.dumps({"doc_id": "s9-6", "text": 42, "lang": "en"}).encode()
+    lines[7] = b'{"doc_id": "s9-7", "text": "caf\xe9 latin-1, not UTF-8", "lang": "en"}'
+    lines[8] = json.dumps({"doc_id": "s9-8", "text": None, "lang": "en"}).encode()
+    lines[9] = b'["an", "array"]'
+    fs.pipe(f"{bucket}/docs/a.jsonl", b"\n".join(lines) + b"\n")
     fs.pipe(f"{bucket}/docs/empty.jsonl", b"")
     out = f"s3://{bucket}/vectors/jsonl"
     summary = run_embed(job([f"s3://{bucket}/docs/*.jsonl"], out, opts, tiny_embedding_model, fmt="jsonl"))
     assert summary["items_processed"] == 2
-    assert summary["totals"]["rows"] == 38 and summary["totals"]["reject_reasons"] == {
-        "invalid_json": 1, "text_not_string": 1}
+    assert summary["totals"]["rows"] == 35 and summary["totals"]["reject_reasons"] == {
+        "invalid_json": 1, "invalid_utf8": 1, "not_an_object": 1, "null_text": 1, "text_not_string": 1}
     report = verify_output(out, opts)
     assert report.ok, report.problems
     got = read_committed(out, opts)
-    assert sorted(got.column("id").to_pylist()) == sorted(i for k, i in enumerate(ids) if k not in (5, 6))
+    assert sorted(got.column("id").to_pylist()) == sorted(i for k, i in enumerate(ids) if k not in range(5, 10))
     rejects = read_committed(out, opts, rejects=True)
     assert sorted(zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist())) == [
-        (5, "invalid_json"), (6, "text_not_string")]
+        (5, "invalid_json"), (6, "text_not_string"), (7, "invalid_utf8"), (8, "null_text"), (9, "not_an_object")]

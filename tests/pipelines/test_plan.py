@@ -47,18 +47,40 @@ def test_directory_and_overlapping_globs(tmp_path):
     assert sorted(f.rel for f in plan.files) == ["sub/x.parquet", "y.parquet"]
 
 
-def test_no_match_missing_column_and_wrong_type_are_clear_errors(tmp_path):
+def bad_files(tmp_path):
+    write_parquet(tmp_path / "a.parquet", 5, 5)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "m.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    good = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(good[: len(good) // 2])
+
+
+def test_unreadable_or_drifted_files_fail_the_plan_with_on_bad_file_fail(tmp_path):
     with pytest.raises(InputError, match="matches no file"):
         make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
-    write_parquet(tmp_path / "a.parquet", 5, 5)
+    bad_files(tmp_path)
+    fail = {"on_bad_file": "fail"}
     with pytest.raises(InputError, match=r"a\.parquet: column\(s\) \['body'\] not found"):
-        make_plan(InputConfig(paths=[str(tmp_path / "a.parquet")], text_column="body"))
-    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+        make_plan(InputConfig(paths=[str(tmp_path / "a.parquet")], text_column="body", **fail))
     with pytest.raises(InputError, match="n.parquet: text column 'text' has type int64"):
-        make_plan(InputConfig(paths=[str(tmp_path / "n.parquet")]))
-    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(InputError, match="bad.parquet: not a readable Parquet file"):
-        make_plan(InputConfig(paths=[str(tmp_path / "bad.parquet")]))
+        make_plan(InputConfig(paths=[str(tmp_path / "n.parquet")], **fail))
+    for name in ("bad.parquet", "t.parquet"):
+        with pytest.raises(InputError, match=f"{name}: not a readable Parquet file.*on_bad_file: reject"):
+            make_plan(InputConfig(paths=[str(tmp_path / name)], **fail))
+
+
+def test_unreadable_or_drifted_files_become_rejected_items_by_default(tmp_path):
+    bad_files(tmp_path)
+    plan = make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
+    reasons = {i.rel: i.bad_reason for i in plan.items}
+    assert reasons == {"a.parquet": None, "bad.parquet": "unreadable_file", "m.parquet": "schema_mismatch",
+                       "n.parquet": "schema_mismatch", "t.parquet": "unreadable_file"}
+    assert plan.known_rows == 5 and plan.describe().count("WARNING: rejecting") == 4
+    again = make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
+    assert [i.item_id for i in again.items] == [i.item_id for i in plan.items]
+    with pytest.raises(InputError, match=r"every input file is unusable.*column\(s\) \['nope'\] not found"):
+        make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")], text_column="nope"))
 
 
 def test_jsonl_is_one_item_per_file_with_rows_learnt_when_read(tmp_path):

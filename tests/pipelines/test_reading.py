@@ -1,13 +1,19 @@
 """Reading items: ids, row numbers, and bad rows marked with reason codes (never dropped)."""
 
+import io
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from pipelines import parquet_io
 from pipelines.config import InputConfig
+from pipelines.errors import InputError
+from pipelines.parquet_io import StorageReadError
 from pipelines.plan import make_plan
 from pipelines.reading import read_item
+from support.bad_files import corrupt_second_row_group
 
 
 def test_parquet_rows_ids_and_rejects(tmp_path):
@@ -47,3 +53,36 @@ def test_jsonl_bad_lines_get_reason_codes(tmp_path):
     assert t.column("_row").to_pylist() == list(range(9))
     assert t.column("_item_rows").to_pylist() == [9] * 9
     assert t.column("id").to_pylist()[:1] == ["a"] and t.column("id").to_pylist()[-1] == "9"
+
+
+def test_undecodable_row_groups_reject_their_rows_with_ids_or_fail(tmp_path):
+    corrupt_second_row_group(tmp_path / "c.parquet")
+    cfg = InputConfig(paths=[str(tmp_path / "c.parquet")], id_column="doc_id", rows_per_item=4)
+    first, second = make_plan(cfg).items
+    assert read_item(first, cfg).column("_reject").to_pylist() == [None] * 4
+    t = read_item(second, cfg)
+    assert t.column("_reject").to_pylist() == ["unreadable_row_group"] * 4
+    assert t.column("id").to_pylist() == ["d4", "d5", "d6", "d7"] and t.column("_row").to_pylist() == [4, 5, 6, 7]
+    assert t.column("text").null_count == 4
+    strict = cfg.model_copy(update={"on_bad_file": "fail"})
+    with pytest.raises(InputError, match=r"c\.parquet: cannot decode row groups 1\.\.1"):
+        read_item(second, strict)
+
+
+class DroppingFile(io.BytesIO):
+    """A file whose every read fails, as a store dropping connections would."""
+
+    def read(self, *args):
+        raise ConnectionResetError("connection reset by peer")
+
+
+def test_store_errors_are_never_taken_for_corrupt_data(tmp_path, monkeypatch):
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "p.parquet")
+    cfg = InputConfig(paths=[str(tmp_path / "p.parquet")])
+    item = make_plan(cfg).items[0]
+    data = (tmp_path / "p.parquet").read_bytes()
+    monkeypatch.setattr(parquet_io, "open_input", lambda url, opts: DroppingFile(data))
+    with pytest.raises(StorageReadError, match="connection reset by peer"):
+        read_item(item, cfg)
+    with pytest.raises(StorageReadError, match="connection reset by peer"):
+        make_plan(cfg)
