@@ -171,7 +171,7 @@ class Committer:
         state = self.pending.get(piece["item"])
         if state is None:
             return None
-        key = (piece["start"], piece["end"], piece["data_file"], piece["reject_file"])
+        key = (piece["start"], piece["end"], piece["data_files"], piece["reject_file"])
         if key in self.seen_pieces:
             return None
         self.seen_pieces.add(key)
@@ -189,9 +189,8 @@ class Committer:
         record = {
             "item": item.item_id, "fingerprint_id": self.fp_id, "source": item.rel,
             "row_start": item.row_start, "row_end": item.row_start + (state.rows or 0),
-            "files": [{"path": p["data_file"], "rows": p["data_rows"], "sha256": p["data_sha256"],
-                       "bytes": p["data_bytes"], "first_row": p["start"], "end_row": p["end"]}
-                      for p in pieces if p["data_file"]],
+            "files": [{**f, "first_row": p["start"], "end_row": p["end"]}
+                      for p in pieces for f in json.loads(p["data_files"])],
             "rejects": [{"path": p["reject_file"], "rows": p["reject_rows"], "sha256": p["reject_sha256"]}
                         for p in pieces if p["reject_file"]],
             "rows": sum(p["data_rows"] for p in pieces),

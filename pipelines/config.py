@@ -114,6 +114,12 @@ class ModelConfig(_Strict):
 class OutputConfig(_Strict):
     path: str = Field(description="Output root (local path or fsspec URL); holds data/, _commits/, _rejects/.")
     vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
+    partition_by: str | None = Field(
+        None,
+        description="A pass-through column whose value names a Hive-style folder of data/: "
+        "`data/<column>=<value>/…`, the value percent-encoded (nulls: __HIVE_DEFAULT_PARTITION__); the column "
+        "stays in the files too. A row whose encoded value exceeds 200 bytes is rejected.",
+    )
     storage_options: dict[str, Any] | None = Field(
         None, description="fsspec options for the output filesystem; null = the input's. Never recorded."
     )
@@ -157,6 +163,14 @@ class EmbedJobConfig(_Strict):
     output: OutputConfig = Field(description="Where committed vectors go.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
     run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
+
+    @model_validator(mode="after")
+    def _partition_column_passes_through(self) -> "EmbedJobConfig":
+        column = self.output.partition_by
+        if column is not None and column not in self.input.passthrough_columns:
+            raise ValueError(f"output.partition_by {column!r} must be one of input.passthrough_columns "
+                             f"{list(self.input.passthrough_columns)}")
+        return self
 
     @property
     def output_storage_options(self) -> dict[str, Any]:

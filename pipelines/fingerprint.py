@@ -46,6 +46,7 @@ def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
         "instruction": m.instruction,
         "max_length": m.max_length,
         "vector_dtype": cfg.output.vector_dtype,
+        "partition_by": cfg.output.partition_by,
         "embedrank_version": __version__,
     }
 

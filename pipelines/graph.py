@@ -65,7 +65,7 @@ def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Stora
     output_columns = EMBED_OUTPUT_BASE + list(cfg.input.passthrough_columns)
     return ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, num_cpus=c.io_num_cpus,
                           fn_kwargs={"storage": storage, "fingerprint": fingerprint,
-                                     "output_columns": output_columns})
+                                     "output_columns": output_columns, "partition_by": cfg.output.partition_by})
 
 
 def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: list[WorkItem], storage: Storage,

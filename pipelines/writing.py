@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
+import urllib.parse
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +27,17 @@ REJECTS_DIR = "_rejects"
 PIECE_DIRS = (DATA_DIR, SCORES_DIR, REJECTS_DIR)
 FINGERPRINT_KEY = b"embedrank.fingerprint"
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+MAX_PARTITION_SEGMENT = 200
+
 PIECE_SCHEMA = pa.schema([
     ("item", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("item_rows", pa.int64()),
-    ("data_file", pa.string()), ("data_rows", pa.int64()), ("data_sha256", pa.string()),
-    ("data_bytes", pa.int64()), ("reject_file", pa.string()), ("reject_rows", pa.int64()),
-    ("reject_sha256", pa.string()), ("reject_reasons", pa.string()), ("tokens", pa.int64()),
+    ("data_files", pa.string()), ("data_rows", pa.int64()), ("reject_file", pa.string()),
+    ("reject_rows", pa.int64()), ("reject_sha256", pa.string()), ("reject_reasons", pa.string()),
+    ("tokens", pa.int64()),
 ])
+"""One record per piece: a contiguous run of one item's rows. `data_files` is a JSON list of
+{path, rows, sha256, bytes} (one file per partition value; one file without partitioning)."""
 
 
 def _parquet_bytes(table: pa.Table, fingerprint_json: str) -> bytes:
@@ -59,6 +66,32 @@ def _runs(items: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def partition_folder(column: str, value: object) -> str:
+    """`column=value` with the value percent-encoded as Hive and pyarrow (`segment_encoding="uri"`) decode it:
+    no value can add a path level, climb out (`/`, `..`) or carry control characters into a key."""
+    return f"{column}={HIVE_NULL if value is None else urllib.parse.quote(str(value), safe='')}"
+
+
+def _reject_unpartitionable(run: pa.Table, column: str) -> tuple[pa.Table, list[str]]:
+    """Each row's partition folder; rows whose folder is too long to be a path segment are rejected."""
+    folders = [partition_folder(column, v) for v in run.column(column).to_pylist()]
+    too_long = pa.array([len(f) > MAX_PARTITION_SEGMENT for f in folders])
+    if pa.compute.any(too_long).as_py():
+        reason = pa.compute.if_else(pa.compute.and_(too_long, run.column("_reject").is_null()),
+                                    "partition_value_too_long", run.column("_reject"))
+        run = run.set_column(run.schema.get_field_index("_reject"), "_reject", reason)
+    return run, folders
+
+
+def _by_partition(good: pa.Table, folders: list[str] | None) -> list[tuple[str, pa.Table]]:
+    if folders is None:
+        return [("", good)]
+    groups: dict[str, list[int]] = {}
+    for i, folder in enumerate(folders):
+        groups.setdefault(folder, []).append(i)
+    return [(f, good.take(pa.array(groups[f]))) for f in sorted(groups)]
+
+
 def reject_table(rows: pa.Table, id_columns: list[str], reason: pa.Array | pa.ChunkedArray) -> pa.Table:
     """The `_rejects/` schema: the row's id columns, its file row, the reason code, its item."""
     return pa.table({**{c: rows.column(c) for c in id_columns}, "row": rows.column("_row"),
@@ -71,13 +104,13 @@ def write_file_reject(storage: Storage, item_id: str, reason: str, fingerprint: 
     marker = pa.table({**{c: pa.nulls(1, pa.string()) for c in id_columns}, "row": pa.nulls(1, pa.int64()),
                        "reason": [reason], "item": [item_id]})
     rel, digest, _ = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True))
-    return {"item": item_id, "start": 0, "end": 0, "item_rows": 0, "data_file": None, "data_rows": 0,
-            "data_sha256": None, "data_bytes": 0, "reject_file": rel, "reject_rows": 1, "reject_sha256": digest,
-            "reject_reasons": None, "tokens": 0}
+    return {"item": item_id, "start": 0, "end": 0, "item_rows": 0, "data_files": "[]", "data_rows": 0,
+            "reject_file": rel, "reject_rows": 1, "reject_sha256": digest, "reject_reasons": None, "tokens": 0}
 
 
 def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
-                 data_dir: str = DATA_DIR, reject_id_columns: tuple[str, ...] = ("id",)) -> pa.Table:
+                 data_dir: str = DATA_DIR, reject_id_columns: tuple[str, ...] = ("id",),
+                 partition_by: str | None = None) -> pa.Table:
     """Write every run of the batch as pieces; return one record per piece for the driver's commit loop."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     table = table.sort_by([("_item", "ascending"), ("_row", "ascending")])
@@ -88,18 +121,26 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
         run = table.slice(lo, hi - lo)
         item, first, last = str(items[lo]), int(rows[lo]), int(rows[hi - 1])
         stem = f"{item}-{first}-{last}"
+        folders = None
+        if partition_by is not None:
+            run, folders = _reject_unpartitionable(run, partition_by)
         rejected = run.column("_reject").is_valid()
         good = run.filter(pa.compute.invert(rejected))
         bad = run.filter(rejected)
+        if folders is not None:
+            folders = [f for f, r in zip(folders, rejected.to_pylist()) if not r]
         record = {"item": item, "start": first, "end": last + 1,
-                  "item_rows": int(run.column("_item_rows")[0].as_py()),
-                  "data_file": None, "data_rows": 0, "data_sha256": None, "data_bytes": 0,
-                  "reject_file": None, "reject_rows": 0, "reject_sha256": None, "reject_reasons": None,
-                  "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
+                  "item_rows": int(run.column("_item_rows")[0].as_py()), "data_files": "[]",
+                  "data_rows": good.num_rows, "reject_file": None, "reject_rows": 0, "reject_sha256": None,
+                  "reject_reasons": None, "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
         failpoints.hit("before_piece_write")
         if good.num_rows:
-            rel, digest, size = put_piece(storage, data_dir, stem, good.select(output_columns), fingerprint_json)
-            record.update(data_file=rel, data_rows=good.num_rows, data_sha256=digest, data_bytes=size)
+            files = []
+            for folder, part in _by_partition(good, folders):
+                rel, digest, size = put_piece(storage, posixpath.join(data_dir, folder) if folder else data_dir,
+                                              stem, part.select(output_columns), fingerprint_json)
+                files.append({"path": rel, "rows": part.num_rows, "sha256": digest, "bytes": size})
+            record["data_files"] = json.dumps(files)
         if bad.num_rows:
             rej = reject_table(bad, list(reject_id_columns), bad.column("_reject"))
             rel, digest, _ = put_piece(storage, REJECTS_DIR, stem, rej, fingerprint_json)
