@@ -253,8 +253,22 @@ class FaultyProxy:
 
     def _serve(self, client: socket.socket) -> None:
         client.settimeout(self.timeout)
+        graceful = False
         try:
-            rfile = client.makefile("rb")
+            graceful = self._handle(client)
+        except OSError:
+            pass
+        finally:
+            if graceful:
+                client.close()
+            else:
+                _reset(client)
+
+    def _handle(self, client: socket.socket) -> bool:
+        """Serve one request; False means the connection is to be reset."""
+        # The file object must be closed before the socket, or socket.close()
+        # only drops a reference and neither FIN nor RST goes out.
+        with client.makefile("rb") as rfile:
             try:
                 head = _read_head(rfile)
                 expects_continue = (_header(head, b"expect") or b"").lower() == b"100-continue"
@@ -265,47 +279,40 @@ class FaultyProxy:
                     body = _read_chunked(rfile)
                 else:
                     body = _read_exact(rfile, int(_header(head, b"content-length") or 0))
-            except (_BadRequest, ValueError, OSError):
-                _reset(client)
-                return
-            head_only = head[0].split(b" ", 1)[0].upper() == b"HEAD"
+            except (_BadRequest, ValueError):
+                return False
+        head_only = head[0].split(b" ", 1)[0].upper() == b"HEAD"
 
-            fault = self._draw_fault()
-            if fault == "reset":
-                _reset(client)
-                return
-            if fault == "503":
-                client.sendall(
-                    _simple_response(
-                        b"503 Slow Down", _SLOW_DOWN_BODY, head_only=head_only, extra=b"Retry-After: 0\r\n"
-                    )
+        fault = self._draw_fault()
+        if fault == "reset":
+            return False
+        if fault == "503":
+            client.sendall(
+                _simple_response(
+                    b"503 Slow Down", _SLOW_DOWN_BODY, head_only=head_only, extra=b"Retry-After: 0\r\n"
                 )
-                client.close()
-                return
+            )
+            return True
 
-            # The client already got its 100 Continue from us, so ``Expect``
-            # (never signed by SigV4) is dropped rather than forwarded.
-            drop = [b"connection", b"proxy-connection", b"keep-alive"]
-            if expects_continue:
-                drop.append(b"expect")
-            request = b"".join(_without(head, drop)) + b"Connection: close\r\n\r\n" + body
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=self.timeout)
-            except OSError:
-                client.sendall(_simple_response(b"502 Bad Gateway", b"", head_only=True))
-                client.close()
-                return
-            with upstream:
-                upstream.sendall(request)
-                if fault == "reset_after":
-                    while upstream.recv(65536):  # the whole response, discarded
-                        pass
-                    _reset(client)
-                    return
-                self._relay_response(upstream, client)
-            client.close()
+        # The client already got its 100 Continue from us, so ``Expect``
+        # (never signed by SigV4) is dropped rather than forwarded.
+        drop = [b"connection", b"proxy-connection", b"keep-alive"]
+        if expects_continue:
+            drop.append(b"expect")
+        request = b"".join(_without(head, drop)) + b"Connection: close\r\n\r\n" + body
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=self.timeout)
         except OSError:
-            _reset(client)
+            client.sendall(_simple_response(b"502 Bad Gateway", b"", head_only=True))
+            return True
+        with upstream:
+            upstream.sendall(request)
+            if fault == "reset_after":
+                while upstream.recv(65536):  # the whole response, discarded
+                    pass
+                return False
+            self._relay_response(upstream, client)
+        return True
 
     @staticmethod
     def _relay_response(upstream: socket.socket, client: socket.socket) -> None:
