@@ -110,12 +110,15 @@ class OutputRoot:
         self.storage.write_bytes(f"{RANK_COMMITS_DIR}/{bucket}.json", _dumps(record))
 
     def remove_orphans(self, commits: dict[str, dict]) -> list[str]:
-        """Delete piece files that neither an item commit nor a rank commit names."""
+        """Delete piece files that neither an item commit nor a rank commit names, and abort unfinished uploads.
+
+        Only the lock holder calls this, before its graph starts or after it ends: no upload of its own is live."""
         all_commits = list(commits.values()) + list(self.read_rank_commits().values())
         named = {f["path"] for c in all_commits for f in c["files"] + c["rejects"]}
         present = [p for d in PIECE_DIRS for p in self.storage.list_files(d)]
         orphans = [p for p in present if p not in named]
         self.storage.delete(orphans)
+        self.storage.abort_pending_uploads()
         return orphans
 
     def write_commit(self, record: dict[str, Any]) -> None:

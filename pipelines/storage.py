@@ -94,6 +94,33 @@ class Storage:
         found = self.fs.find(base)
         return sorted(posixpath.relpath(self.fs._strip_protocol(p), self.root) for p in found)
 
+    def pending_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of multipart uploads begun under the root and never completed (S3; [] elsewhere).
+
+        A writer killed mid-upload leaves one behind: invisible to listings, but stored and billed."""
+        call = getattr(self.fs, "call_s3", None)
+        if call is None:
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        listing = call("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        return [(u["Key"], u["UploadId"]) for u in listing.get("Uploads", [])]
+
+    def abort_pending_uploads(self, max_rounds: int = 100) -> int:
+        """Abort every pending upload under the root; listing again until none is left (no paging needed)."""
+        bucket = self.root.partition("/")[0]
+        aborted = 0
+        for _ in range(max_rounds):
+            try:
+                pending = self.pending_uploads()
+            except PermissionError:  # no s3:ListBucketMultipartUploads: a lifecycle rule must clean up
+                return aborted
+            if not pending:
+                break
+            for key, upload_id in pending:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            aborted += len(pending)
+        return aborted
+
     def delete(self, rels: list[str]) -> None:
         if rels:
             self.fs.rm([self.path(r) for r in rels])

@@ -183,8 +183,12 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None) ->
     named = {f["path"] for c in all_commits for f in c["files"] + c["rejects"]}
     orphans = [p for d in PIECE_DIRS for p in root.storage.list_files(d) if p not in named]
     counts["orphans"] = len(orphans)
-    if orphans and root.storage.exists(SUCCESS_FILE):
-        report.problems.append(f"{len(orphans)} piece file(s) that no commit names")
+    counts["pending_uploads"] = len(root.storage.pending_uploads())
+    if root.storage.exists(SUCCESS_FILE):
+        if orphans:
+            report.problems.append(f"{len(orphans)} piece file(s) that no commit names")
+        if counts["pending_uploads"]:
+            report.problems.append(f"{counts['pending_uploads']} multipart upload(s) left pending under the output")
     counts["unique_ids" if not rerank else "unique_rows"] = len(keys) if rerank else sum(
         1 for k in keys if k[0] == "id")
     report.counts = dict(counts)

@@ -145,6 +145,9 @@ class FaultyProxy:
     then drawn uniformly from ``kinds``.  Draws come from ``random.Random(seed)``
     in request arrival order (deterministic for sequential clients).  Set
     ``faults_enabled = False`` to pass everything through, e.g. during set-up.
+    With ``every=N`` the schedule is fixed instead: every N-th request gets a
+    fault, the kinds taken in turn, so a test of K requests sees K // N faults
+    and every kind once K >= N * len(kinds), whatever the clients' concurrency.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class FaultyProxy:
         seed: int = 0,
         kinds: Iterable[str] = FAULT_KINDS,
         timeout: float = 30.0,
+        every: int | None = None,
     ) -> None:
         kinds = tuple(kinds)
         unknown = set(kinds) - set(FAULT_KINDS)
@@ -167,6 +171,7 @@ class FaultyProxy:
         self.fault_rate = fault_rate
         self.kinds = kinds
         self.timeout = timeout
+        self.every = every
         self.faults_enabled = True
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -245,9 +250,17 @@ class FaultyProxy:
     def _draw_fault(self) -> str | None:
         with self._lock:
             self._stats["requests"] += 1
-            if not self.faults_enabled or self._rng.random() >= self.fault_rate:
+            if not self.faults_enabled:
                 return None
-            kind = self._rng.choice(self.kinds)
+            if self.every is not None:
+                n = self._stats["requests"]
+                if n % self.every:
+                    return None
+                kind = self.kinds[(n // self.every - 1) % len(self.kinds)]
+            elif self._rng.random() >= self.fault_rate:
+                return None
+            else:
+                kind = self._rng.choice(self.kinds)
             self._stats[kind] += 1
             return kind
 
