@@ -16,6 +16,7 @@ from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right
 from actors.loading import load_model, load_tokenizer, pad_id, placement
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
+from pipelines import failpoints  # dependency-free; inert unless a test names it
 from pipelines.errors import ModelLoadError
 
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
@@ -88,6 +89,7 @@ class EmbedReplica:
         self.vector_dtype = vector_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        failpoints.hit("replica_batch")
         values, offsets = arrow_to_ids(table.column("input_ids"))
         vectors = self.embedder.embed_ids(values, offsets)
         table = table.drop_columns(["input_ids"])

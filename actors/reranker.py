@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
 from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
+from pipelines import failpoints  # dependency-free; inert unless a test names it
 from pipelines.errors import ModelLoadError
 
 MIN_SHARED_PREFIX = 16
@@ -244,6 +245,7 @@ class RerankReplica:
                                  num_threads=max(1, int(num_cpus)), share_prefix=share_prefix)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        failpoints.hit("replica_batch")
         queries = table.column("query").to_pylist()
         texts = table.column("text").to_pylist()
         query_ids = table.column("query_id").to_pylist()

@@ -17,7 +17,6 @@ import re
 from pipelines import errors
 from pipelines.errors import EmbedrankError
 
-USER_ERROR_EXIT = 2
 _REMOTE_ERROR = re.compile(r"^pipelines\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if user is None:
             raise
         print(f"embedrank: error: {user}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return user.exit_code
 
 
 if __name__ == "__main__":

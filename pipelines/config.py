@@ -152,6 +152,14 @@ class RunConfig(_Strict):
         600.0, gt=0, description="A writer lock whose heartbeat is older than this belongs to a dead job and is "
         "taken over; heartbeats are written every fifth of it."
     )
+    stall_timeout_s: float = Field(
+        1800.0, gt=0, description="Fail the job, naming the stuck stage and stopping the pipeline, when no work "
+        "reaches the driver for this long (a hung actor, task or store). Committed work is kept.",
+    )
+    startup_timeout_s: float = Field(
+        3600.0, gt=0, description="The same limit for the first output of a run, which waits for actors to start "
+        "and load their model (downloads included).",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."
     )

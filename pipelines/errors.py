@@ -4,6 +4,9 @@
 class EmbedrankError(Exception):
     """Base of every error reported to the user as a plain message."""
 
+    exit_code = 2
+    """The CLI's exit status: 2 for a mistake to fix; subclasses for failures where a rerun resumes."""
+
 
 class InputError(EmbedrankError):
     """The corpus cannot be read as configured (missing file/column, unreadable shard)."""

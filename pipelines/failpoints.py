@@ -1,29 +1,49 @@
-"""Failpoints for crash tests, inert unless an environment variable names them (as databases do).
+"""Failpoints for crash and hang tests, inert unless an environment variable names them (as databases do).
 
-    EMBEDRANK_FAILPOINTS=before_piece_write,after_commit_write   names to fire
+    EMBEDRANK_FAILPOINTS=before_piece_write,after_commit_write   names to fire (crash)
+    EMBEDRANK_FAILPOINTS=replica_batch:hang@3                    hang on this process's 3rd hit
     EMBEDRANK_FAILPOINT_DIR=/some/dir                             fire each name once only
 
-A firing failpoint kills its process at once (`os._exit(137)`, like SIGKILL:
-no cleanup, no finally blocks). With EMBEDRANK_FAILPOINT_DIR set, a marker file
-there makes each name fire only the first time, so a retried task or a rerun
-gets through. The points:
+A spec is `name[:action][@n]`. Action `crash` (the default) kills the process at
+once (`os._exit(137)`, like SIGKILL: no cleanup, no finally blocks); `hang`
+sleeps forever, as a wedged driver call or GPU would. `@n` fires on the n-th
+hit in a process (default the first). With EMBEDRANK_FAILPOINT_DIR set, a
+marker file there makes each name fire only once across processes, so a
+retried task or a rerun gets through. The points:
 
 - before_piece_write   write task, before a piece file is written
 - after_piece_write    write task, after its pieces are written, before it reports them
 - before_commit_write  driver, before a commit record is written
 - after_commit_write   driver, after a commit record is written, before the next piece is read
+- replica_batch        model replica (embed or rerank actor), before it computes a batch
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 
-POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write")
+POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch")
+_hits: collections.Counter[str] = collections.Counter()
+
+
+def _spec(name: str) -> tuple[str, int] | None:
+    for entry in os.environ.get("EMBEDRANK_FAILPOINTS", "").split(","):
+        spec, _, nth = entry.strip().partition("@")
+        point, _, action = spec.partition(":")
+        if point == name:
+            return action or "crash", int(nth or 1)
+    return None
 
 
 def hit(name: str) -> None:
-    names = os.environ.get("EMBEDRANK_FAILPOINTS")
-    if not names or name not in names.split(","):
+    spec = _spec(name)
+    if spec is None:
+        return
+    action, nth = spec
+    _hits[name] += 1
+    if _hits[name] != nth:
         return
     marker_dir = os.environ.get("EMBEDRANK_FAILPOINT_DIR")
     if marker_dir:
@@ -31,4 +51,7 @@ def hit(name: str) -> None:
             os.close(os.open(os.path.join(marker_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if action == "hang":
+        while True:
+            time.sleep(3600)
     os._exit(137)

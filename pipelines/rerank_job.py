@@ -21,6 +21,7 @@ from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
 from pipelines.runner import process_items, totals
 from pipelines.storage import Storage
+from pipelines.watchdog import iter_batches_watched
 
 
 def _rank_commit(record: dict[str, Any], fp_id: str) -> dict[str, Any]:
@@ -50,7 +51,8 @@ def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, A
         ds = build_rank_graph(files, root.storage, fingerprint, cfg.output.rank_buckets,
                               sorted(c["bucket"] for c in done.values()), cfg.output.top_k,
                               cfg.compute.io_num_cpus)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in iter_batches_watched(ds, cfg.run.stall_timeout_s, cfg.run.startup_timeout_s,
+                                          batch_format="pyarrow", batch_size=None):
             for record in batch.to_pylist():
                 root.write_rank_commit(f"bucket-{record['bucket']:05d}", _rank_commit(record, fp_id))
         done = root.read_rank_commits()

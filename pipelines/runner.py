@@ -18,6 +18,7 @@ from pipelines.fingerprint import fingerprint_id
 from pipelines.plan import Plan, WorkItem
 from pipelines.progress import Progress
 from pipelines.reading import read_item
+from pipelines.watchdog import iter_batches_watched
 from pipelines.writing import write_file_reject
 
 
@@ -83,7 +84,8 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
         ensure_ray(run.ray_address)
         quiet_ray_data()
         ds = build_graph([s.item for s in committer.pending.values()])
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in iter_batches_watched(ds, run.stall_timeout_s, run.startup_timeout_s,
+                                          batch_format="pyarrow", batch_size=None):
             for piece in batch.to_pylist():
                 commit = committer.add(piece)
                 if commit is not None:
