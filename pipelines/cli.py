@@ -91,6 +91,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.status import format_status, job_status
+
+    status = job_status(args.output, _parse_storage_options(args.storage_option))
+    print(json.dumps(status, sort_keys=True) if args.json else format_status(status))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -112,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         job.set_defaults(func=func)
 
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
-    verify.add_argument("output", help="output root (local path or fsspec URL)")
-    verify.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for the output filesystem (repeatable)")
-    verify.set_defaults(func=cmd_verify)
+    status = sub.add_parser("status", help="where a job stands (items, rows, rejects, rate, ETA); safe while it runs")
+    for command, func in ((verify, cmd_verify), (status, cmd_status)):
+        command.add_argument("output", help="output root (local path or fsspec URL)")
+        command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                             help="fsspec option for the output filesystem (repeatable)")
+        command.set_defaults(func=func)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
     demo = sub.add_parser("demo", help="generate a sample corpus and run the demo job end to end on local Ray")
     demo.add_argument("--workdir", default=".demo", help="where the corpus, model and output go")

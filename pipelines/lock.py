@@ -34,7 +34,7 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _owner_gone(held: dict[str, Any]) -> bool:
+def owner_gone(held: dict[str, Any]) -> bool:
     """Whether the lock's owner is known to be dead: only decidable for a process on this host."""
     if held.get("host") != socket.gethostname() or "pid" not in held:
         return False
@@ -70,7 +70,7 @@ class OutputLock:
         held = self._read()
         if held is not None:
             age = time.time() - float(held.get("heartbeat", 0))
-            gone = _owner_gone(held)
+            gone = owner_gone(held)
             if age < self.stale_after_s and not gone:
                 raise OutputError(
                     f"{self.storage.url} is being written by another job ({held.get('owner')}, last heartbeat "

@@ -7,7 +7,7 @@ import time
 from typing import Any, TextIO
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -47,7 +47,7 @@ class Progress:
         elapsed = max(self.elapsed, 1e-9)
         rows_s = (self.rows + self.rejected) / elapsed
         remaining_rows = max(self.known_rows - self.rows - self.rejected, 0)
-        eta = _duration(remaining_rows / rows_s) if rows_s > 0 and self.known_rows else "?"
+        eta = format_duration(remaining_rows / rows_s) if rows_s > 0 and self.known_rows else "?"
         pct = 100.0 * done / self.total_items if self.total_items else 100.0
         print(f"[{self.label}] items {done}/{self.total_items} ({pct:.0f}%) · rows {self.rows:,} "
               f"(+{self.rejected:,} rejected) · {rows_s:,.1f} rows/s · {self.tokens / elapsed:,.0f} tokens/s "

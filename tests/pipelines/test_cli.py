@@ -1,5 +1,6 @@
 """The command line: clear errors without tracebacks, dry runs that touch nothing, verify's exit code."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -100,6 +101,12 @@ def test_verify_exit_code_follows_the_invariant(ray_local, local_job, capsys):
     assert main(["embed", str(cfg)]) == 0
     assert main(["verify", str(out)]) == 0
     assert "invariant holds" in capsys.readouterr().out
+    assert main(["status", str(out), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "finished" and status["items_committed"] == status["items_total"] > 0
+    assert status["rows"] + status["rejected"] == status["planned_rows"] and status["last_commit"]
+    assert main(["status", str(out / "nothing-here")]) == 2
+    assert "no _job.json" in capsys.readouterr().err
     victim = sorted((out / "data").iterdir())[0]
     table = pq.read_table(victim)
     pq.write_table(table.slice(1), victim)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.status import format_status, job_status
 from pipelines.verify import read_committed, verify_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -109,9 +110,14 @@ def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(j
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before it could be killed half way"
+    running = job_status(str(out))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     done = committed(out)
+    assert running["state"].startswith("running on") and running["items_total"] == 12
+    assert 6 <= running["items_committed"] <= done and running["rows_per_s"] > 0
+    stopped = job_status(str(out))
+    assert stopped["state"].startswith("stopped (its driver") and stopped["items_committed"] == done
     in_flight_rows = 20 * (12 - done)
     code, summary, err = finish(start(cfg))
     assert code == 0, err
@@ -119,6 +125,9 @@ def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(j
     assert summary["items_processed"] == 12 - done
     assert recomputed_rows <= in_flight_rows
     assert_exactly_once(out, ids)
+    final = job_status(str(out))
+    assert final["state"] == "finished" and final["items_committed"] == 12
+    assert final["rows"] + final["rejected"] == len(ids) and "items 12/12 (100%)" in format_status(final)
     with capsys.disabled():
         print(f"\ndriver killed with {done}/12 items committed: rerun recomputed {recomputed_rows} rows "
               f"of {in_flight_rows} not committed at the kill")
