@@ -89,9 +89,15 @@ class InputConfig(SourceConfig):
         return list(self.passthrough_columns)
 
 
+MODEL_STORAGE_OPTIONS_DESCRIPTION = (
+    "fsspec options for a model.path in object storage (s3://…); null = the input's. Never recorded.")
+
+
 class ModelConfig(_Strict):
-    path: str = Field(description="Hugging Face hub id or local directory of a Qwen3-Embedding model.")
+    path: str = Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
+                      "of a Qwen3-Embedding model; a URL is fetched once per node into a local cache.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    storage_options: dict[str, Any] | None = Field(None, description=MODEL_STORAGE_OPTIONS_DESCRIPTION)
     dimensions: int | None = Field(
         None, gt=0, description="MRL: keep the first N dimensions, then re-normalise; null = full size."
     )
@@ -130,6 +136,10 @@ class ComputeConfig(_Strict):
     max_replicas: int = Field(1, ge=1, description="Largest size of the model actor pool (autoscaled).")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica; 0 runs on CPU.")
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type a replica needs (e.g. L4, A10G, A100, H100): places 4B/8B "
+        "replicas on large-GPU nodes; null = any GPU.",
+    )
     batch_rows: int = Field(
         256, gt=0, description="Rows handed to a replica per call; sorted and cut by the token budget inside."
     )
@@ -185,6 +195,11 @@ class EmbedJobConfig(_Strict):
         opts = self.output.storage_options
         return dict(self.input.storage_options if opts is None else opts)
 
+    @property
+    def model_storage_options(self) -> dict[str, Any]:
+        opts = self.model.storage_options
+        return dict(self.input.storage_options if opts is None else opts)
+
 
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -213,8 +228,10 @@ class DocumentsConfig(SourceConfig):
 
 
 class RerankModelConfig(_Strict):
-    path: str = Field(description="Hugging Face hub id or local directory of a Qwen3-Reranker model.")
+    path: str = Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
+                      "of a Qwen3-Reranker model; a URL is fetched once per node into a local cache.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    storage_options: dict[str, Any] | None = Field(None, description=MODEL_STORAGE_OPTIONS_DESCRIPTION)
     instruction: str = Field(DEFAULT_RERANK_INSTRUCTION, description="Task instruction of the `<Instruct>:` line.")
     max_length: int = Field(8192, ge=64, description="Tokens per pair, template included; documents are cut.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -260,6 +277,11 @@ class RerankJobConfig(_Strict):
     @property
     def output_storage_options(self) -> dict[str, Any]:
         opts = self.output.storage_options
+        return dict(self.input.storage_options if opts is None else opts)
+
+    @property
+    def model_storage_options(self) -> dict[str, Any]:
+        opts = self.model.storage_options
         return dict(self.input.storage_options if opts is None else opts)
 
 

@@ -40,7 +40,8 @@ def _model_pool(compute: ComputeConfig) -> dict[str, Any]:
 
     return {"compute": ray.data.ActorPoolStrategy(min_size=compute.min_replicas, max_size=compute.max_replicas),
             "batch_size": compute.batch_rows, "batch_format": "pyarrow", "num_gpus": compute.num_gpus or None,
-            "num_cpus": compute.num_cpus}
+            "num_cpus": compute.num_cpus,
+            **({"accelerator_type": compute.accelerator_type} if compute.accelerator_type else {})}
 
 
 def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
