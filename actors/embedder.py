@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
-from actors.loading import load_model, load_tokenizer, pad_id, placement
+from actors.loading import load_model, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
 from pipelines import failpoints  # dependency-free; inert unless a test names it
@@ -83,7 +83,10 @@ class EmbedReplica:
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  num_cpus: float = 1, dimensions: int | None = None, max_batch_tokens: int = 16384,
-                 vector_dtype: str = "float32"):
+                 vector_dtype: str = "float32", storage_options: dict | None = None,
+                 model_digest: str | None = None):
+        # a URL path is fetched once per node into the local model cache (storage_options: model.storage_options)
+        path = resolve_model_path(path, storage_options, expected_digest=model_digest)
         self.embedder = Embedder(path, revision, dtype=dtype, num_gpus=num_gpus, dimensions=dimensions,
                                  max_batch_tokens=max_batch_tokens, num_threads=max(1, int(num_cpus)))
         self.vector_dtype = vector_dtype

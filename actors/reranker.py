@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
-from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement
+from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from pipelines import failpoints  # dependency-free; inert unless a test names it
 from pipelines.errors import ModelLoadError
@@ -239,7 +239,9 @@ class RerankReplica:
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  num_cpus: float = 1, instruction: str | None = None, max_length: int = 8192,
-                 max_batch_tokens: int = 16384, share_prefix: bool = True):
+                 max_batch_tokens: int = 16384, share_prefix: bool = True, storage_options: dict | None = None,
+                 model_digest: str | None = None):
+        path = resolve_model_path(path, storage_options, expected_digest=model_digest)  # URL: local cached copy
         self.tokenizer = PairTokenizer(path, revision, max_length, instruction)
         self.reranker = Reranker(path, revision, dtype=dtype, num_gpus=num_gpus, max_batch_tokens=max_batch_tokens,
                                  num_threads=max(1, int(num_cpus)), share_prefix=share_prefix)

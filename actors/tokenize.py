@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from actors.loading import load_tokenizer
+from actors.loading import load_tokenizer, resolve_model_path
 from actors.prompts import format_texts
 
 
@@ -90,6 +90,10 @@ def _cached_tokenize_batch(path: str, revision: str | None, max_length: int,
 
 
 def tokenize_batch(table: pa.Table, *, path: str, revision: str | None, max_length: int,
-                   instruction: str | None) -> pa.Table:
-    """Task-friendly form of `TokenizeBatch`: the tokenizer is built once per worker process."""
+                   instruction: str | None, storage_options: dict | None = None,
+                   model_digest: str | None = None) -> pa.Table:
+    """Task-friendly form of `TokenizeBatch`: the tokenizer is built once per worker process.
+
+    A URL `path` resolves to a node-local copy of the model's config and tokenizer files (no weights)."""
+    path = resolve_model_path(path, storage_options, weights=False, expected_digest=model_digest)
     return _cached_tokenize_batch(path, revision, max_length, instruction)(table)

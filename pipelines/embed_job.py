@@ -26,8 +26,28 @@ def recorded_config(cfg: Any) -> dict[str, Any]:
     return data
 
 
-def preflight_model(path: str, dimensions: int | None = None) -> None:
-    """Checks that need no Ray: a local model directory exists and fits the requested dimensions."""
+def _check_model_config(path: str, config: dict[str, Any], dimensions: int | None) -> None:
+    if config.get("embedrank_random_init"):
+        print(f"NOTE: {path} is a randomly initialised model; its outputs are not meaningful", file=sys.stderr)
+    hidden = config.get("hidden_size")
+    if dimensions and hidden and dimensions > hidden:
+        raise ModelLoadError(f"model.dimensions={dimensions} exceeds the model's embedding size {hidden}")
+
+
+def preflight_model(path: str, dimensions: int | None = None, storage_options: dict[str, Any] | None = None,
+                    revision: str | None = None) -> None:
+    """Checks that need no Ray: a local or remote (URL) model directory exists, holds config.json and
+    safetensors weights, and fits the requested dimensions. A URL model is only listed here (and its
+    config.json read); replicas fetch it."""
+    from pipelines.model_cache import is_model_url, read_remote_json, remote_model
+
+    if is_model_url(path):
+        if revision is not None:
+            raise ModelLoadError(f"model.revision is for hub ids; model.path {path!r} is a URL, versioned by "
+                                 "its files (use a new path per model version)")
+        remote_model(path, storage_options)
+        _check_model_config(path, read_remote_json(path, "config.json", storage_options), dimensions)
+        return
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/")):
             raise ModelLoadError(f"model.path {path!r} is not a model directory")
@@ -43,12 +63,7 @@ def preflight_model(path: str, dimensions: int | None = None) -> None:
             + (f" (only pickle files {pickled}, which embedrank never loads: convert them to safetensors)"
                if pickled else ""))
     with open(config_file) as fh:
-        config = json.load(fh)
-    if config.get("embedrank_random_init"):
-        print(f"NOTE: {path} is a randomly initialised model; its outputs are not meaningful", file=sys.stderr)
-    hidden = config.get("hidden_size")
-    if dimensions and hidden and dimensions > hidden:
-        raise ModelLoadError(f"model.dimensions={dimensions} exceeds the model's embedding size {hidden}")
+        _check_model_config(path, json.load(fh), dimensions)
 
 
 def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) -> dict[str, Any]:
@@ -69,7 +84,7 @@ def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) 
 def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
     """Run (or resume) one embedding job; returns its summary. Progress and summary go to `stream`."""
     stream = stream or sys.stderr
-    preflight_model(cfg.model.path, cfg.model.dimensions)
+    preflight_model(cfg.model.path, cfg.model.dimensions, cfg.model_storage_options, cfg.model.revision)
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     if dry_run:

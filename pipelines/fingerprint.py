@@ -26,6 +26,18 @@ def _local_model_digest(path: str) -> str | None:
     return h.hexdigest()[:16]
 
 
+def model_digest(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """A digest that changes with the model: of a local directory's files, or of a remote one's listing.
+
+    For a URL (`model.path: s3://…`) it is the listing's names, sizes and ETags (`pipelines.model_cache`);
+    replicas refuse to load a remote model whose listing no longer has it. Hub ids: None (pin a revision)."""
+    from pipelines.model_cache import is_model_url, remote_model
+
+    if is_model_url(path):
+        return remote_model(path, storage_options).digest
+    return _local_model_digest(path)
+
+
 def resolved_dtype(dtype: str, num_gpus: float) -> str:
     if dtype != "auto":
         return dtype
@@ -38,7 +50,7 @@ def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
         "task": "embed",
         "model": m.path,
         "revision": m.revision,
-        "model_digest": _local_model_digest(m.path),
+        "model_digest": model_digest(m.path, cfg.model_storage_options),
         "dtype": resolved_dtype(m.dtype, cfg.compute.num_gpus),
         "pooling": "last_token",
         "normalization": "l2",
@@ -57,7 +69,7 @@ def rerank_fingerprint(cfg: RerankJobConfig) -> dict[str, Any]:
         "task": "rerank",
         "model": m.path,
         "revision": m.revision,
-        "model_digest": _local_model_digest(m.path),
+        "model_digest": model_digest(m.path, cfg.model_storage_options),
         "dtype": resolved_dtype(m.dtype, cfg.compute.num_gpus),
         "score": "softmax(no, yes) at the last position",
         "instruction": m.instruction,

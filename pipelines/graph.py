@@ -19,6 +19,7 @@ from actors.reranker import RerankReplica
 from actors.tokenize import tokenize_batch
 from pipelines.config import ComputeConfig, EmbedJobConfig, RerankJobConfig
 from pipelines.joining import order_joined_item, read_documents
+from pipelines.model_cache import is_model_url
 from pipelines.plan import WorkItem
 from pipelines.ranking import rank_bucket, read_score_files
 from pipelines.reading import read_items
@@ -44,6 +45,13 @@ def _model_pool(compute: ComputeConfig) -> dict[str, Any]:
             **({"accelerator_type": compute.accelerator_type} if compute.accelerator_type else {})}
 
 
+def _model_source(cfg: EmbedJobConfig | RerankJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """For a model in object storage: the options to fetch it with and the listing digest it must still have."""
+    if not is_model_url(cfg.model.path):
+        return {}
+    return {"storage_options": cfg.model_storage_options, "model_digest": fingerprint.get("model_digest")}
+
+
 def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
     """One planned item in, its rows out with token ids (rejected rows carry none)."""
     return tokenize_batch(read_items(batch, cfg), **tokenizer)
@@ -55,12 +63,14 @@ def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Stora
     ds = _items(items).map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
                         fn_kwargs={"cfg": cfg.input, "tokenizer": {"path": m.path, "revision": m.revision,
                                                                    "max_length": m.max_length,
-                                                                   "instruction": m.instruction}})
+                                                                   "instruction": m.instruction,
+                                                                   **_model_source(cfg, fingerprint)}})
     ds = ds.map_batches(
         EmbedReplica,
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
                                "num_cpus": c.num_cpus, "dimensions": m.dimensions,
-                               "max_batch_tokens": m.max_batch_tokens, "vector_dtype": cfg.output.vector_dtype},
+                               "max_batch_tokens": m.max_batch_tokens, "vector_dtype": cfg.output.vector_dtype,
+                               **_model_source(cfg, fingerprint)},
         **_model_pool(c),
     )
     output_columns = EMBED_OUTPUT_BASE + list(cfg.input.passthrough_columns)
@@ -84,7 +94,8 @@ def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: li
         RerankReplica,
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
                                "num_cpus": c.num_cpus, "instruction": m.instruction, "max_length": m.max_length,
-                               "max_batch_tokens": m.max_batch_tokens, "share_prefix": m.share_prefix},
+                               "max_batch_tokens": m.max_batch_tokens, "share_prefix": m.share_prefix,
+                               **_model_source(cfg, fingerprint)},
         **_model_pool(c),
     )
     return ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, num_cpus=c.io_num_cpus,

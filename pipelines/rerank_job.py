@@ -68,7 +68,7 @@ def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, A
 def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
     """Run (or resume) one reranking job; returns its summary."""
     stream = stream or sys.stderr
-    preflight_model(cfg.model.path)
+    preflight_model(cfg.model.path, storage_options=cfg.model_storage_options, revision=cfg.model.revision)
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     doc_items: list = []

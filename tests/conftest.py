@@ -43,9 +43,12 @@ def tiny_embedding_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session: 2 CPUs, no dashboard, loopback only; token auth off in tests only."""
+def ray_local(tmp_path_factory):
+    """One local Ray for the session: 2 CPUs, no dashboard, loopback only; token auth off in tests only.
+
+    Its workers cache URL models (model.path: s3://…) in a session temp dir, never in ~/.cache."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["EMBEDRANK_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
