@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embedrank-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean chromium
 
 setup: $(STAMP)
 
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/embedrank demo
 
-test: $(STAMP)
+# Headless Chromium renders the run report in one test; installed from Debian where we may (root + apt).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: Chromium is not installed; the report rendering test will be skipped"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest
 
 clean:

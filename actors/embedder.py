@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
+from actors.batching import (BatchStats, padded_tokens, plan_micro_batches, right_pad,
+                             row_padded_lengths)
 from actors.loading import load_model, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
@@ -51,12 +52,16 @@ class Embedder:
 
     def embed_ids(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Vectors (float32, rows × dim) for sequences `values[offsets[i]:offsets[i+1]]`."""
+        return self.embed_ids_padded(values, offsets)[0]
+
+    def embed_ids_padded(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`embed_ids` and, per row, the tokens computed for it with padding (for efficiency reports)."""
         n = len(offsets) - 1
         out = np.zeros((n, self.dim), dtype=np.float32)
         lengths = np.diff(offsets)
         todo = np.flatnonzero(lengths > 0)
         if len(todo) == 0:
-            return out
+            return out, np.zeros(n, dtype=np.int64)
         started = time.perf_counter()
         batches = [todo[b] for b in plan_micro_batches(lengths[todo], self.max_batch_tokens)]
         for rows in batches:
@@ -66,7 +71,7 @@ class Embedder:
         self.stats.real_tokens += int(lengths[todo].sum())
         self.stats.padded_tokens += padded_tokens(lengths, batches)
         self.stats.forward_s += time.perf_counter() - started
-        return out
+        return out, row_padded_lengths(n, lengths, batches)
 
 
 def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArray:
@@ -94,6 +99,7 @@ class EmbedReplica:
     def __call__(self, table: pa.Table) -> pa.Table:
         failpoints.hit("replica_batch")
         values, offsets = arrow_to_ids(table.column("input_ids"))
-        vectors = self.embedder.embed_ids(values, offsets)
+        vectors, padded = self.embedder.embed_ids_padded(values, offsets)
         table = table.drop_columns(["input_ids"])
-        return table.append_column("embedding", vectors_to_arrow(vectors, self.vector_dtype))
+        return (table.append_column("embedding", vectors_to_arrow(vectors, self.vector_dtype))
+                .append_column("_padded", pa.array(padded, pa.int64())))

@@ -99,6 +99,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.commit import OutputRoot
+    from pipelines.report import rebuild_report
+    from pipelines.storage import Storage
+
+    root = OutputRoot(Storage(args.output, _parse_storage_options(args.storage_option)))
+    print(root.storage.path(rebuild_report(root)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -121,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
     status = sub.add_parser("status", help="where a job stands (items, rows, rejects, rate, ETA); safe while it runs")
-    for command, func in ((verify, cmd_verify), (status, cmd_status)):
+    report = sub.add_parser("report", help="(re)write the output's _report.html from its commits")
+    for command, func in ((verify, cmd_verify), (status, cmd_status), (report, cmd_report)):
         command.add_argument("output", help="output root (local path or fsspec URL)")
         command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                              help="fsspec option for the output filesystem (repeatable)")

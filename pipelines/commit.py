@@ -131,6 +131,15 @@ class OutputRoot:
         self.storage.write_bytes(SUCCESS_FILE, _dumps({**totals, "finished_at": _now()}))
 
 
+def sum_histograms(hists: Iterable[list[int]]) -> list[int]:
+    total: list[int] = []
+    for h in hists:
+        total += [0] * (len(h) - len(total))
+        for k, n in enumerate(h):
+            total[k] += n
+    return total
+
+
 def _sum_reasons(encoded: Iterable[str | None]) -> dict[str, int]:
     total: dict[str, int] = defaultdict(int)
     for enc in encoded:
@@ -200,6 +209,8 @@ class Committer:
             "rejected": sum(p["reject_rows"] for p in pieces),
             "reject_reasons": _sum_reasons(p["reject_reasons"] for p in pieces),
             "tokens": sum(p["tokens"] for p in pieces),
+            "padded_tokens": sum(p["padded_tokens"] for p in pieces),
+            "length_hist": sum_histograms(json.loads(p["length_hist"]) for p in pieces),
             "committed_at": _now(),
         }
         if item.bad_reason:

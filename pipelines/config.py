@@ -136,6 +136,13 @@ class ComputeConfig(_Strict):
     max_replicas: int = Field(1, ge=1, description="Largest size of the model actor pool (autoscaled).")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica; 0 runs on CPU.")
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
+    estimate_tokens_per_gpu_s: float = Field(
+        20_000, gt=0, description="Tokens one GPU replica processes per second, for the dry run's GPU-hours "
+        "estimate (measure yours: the run report and progress lines give tokens/s).",
+    )
+    estimate_usd_per_gpu_hour: float = Field(
+        1.0, ge=0, description="Price of one GPU-hour, for the dry run's cost estimate.",
+    )
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type a replica needs (e.g. L4, A10G, A100, H100): places 4B/8B "
         "replicas on large-GPU nodes; null = any GPU.",

@@ -13,6 +13,7 @@ from pipelines.errors import ModelLoadError
 from pipelines.fingerprint import embed_fingerprint
 from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
+from pipelines.report import write_report
 from pipelines.runner import process_items, totals
 from pipelines.storage import Storage
 
@@ -88,7 +89,10 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     if dry_run:
-        return plan.summary()
+        c = cfg.compute
+        figures, line = plan.estimate(c.estimate_tokens_per_gpu_s, c.estimate_usd_per_gpu_hour, c.max_replicas)
+        print(line, file=stream, flush=True)
+        return {**plan.summary(), **figures}
 
     from pipelines.graph import build_embed_graph
 
@@ -103,6 +107,8 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
         removed = root.remove_orphans(outcome.commits)
         all_totals = {**totals(list(outcome.commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
         root.write_success(all_totals)
+        report = write_report(root, outcome.commits, all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
+    print(f"report: {root.storage.path(report)}", file=stream, flush=True)
     return summary

@@ -75,6 +75,17 @@ class Plan:
         return {"dry_run": True, "files": len(self.files), "items": len(self.items), "rows": self.known_rows,
                 "est_tokens": self.est_tokens}
 
+    def estimate(self, tokens_per_gpu_s: float, usd_per_gpu_hour: float, gpus: int) -> tuple[dict[str, Any], str]:
+        """GPU-hours, cost and wall time on `gpus` replicas for the estimated tokens: (figures, one line)."""
+        gpu_hours = self.est_tokens / tokens_per_gpu_s / 3600
+        figures = {"est_gpu_hours": round(gpu_hours, 3), "est_cost_usd": round(gpu_hours * usd_per_gpu_hour, 2),
+                   "est_wall_hours": round(gpu_hours / max(gpus, 1), 3)}
+        line = (f"estimate: ≈{gpu_hours:,.2f} GPU-hours at {tokens_per_gpu_s:,g} tokens/s per GPU "
+                f"(compute.estimate_tokens_per_gpu_s) ≈ ${figures['est_cost_usd']:,.2f} at "
+                f"${usd_per_gpu_hour:,.2f}/GPU-hour; ≈{figures['est_wall_hours']:,.2f} h wall on {max(gpus, 1)} "
+                "replica(s) (compute.max_replicas)")
+        return figures, line
+
     def describe(self) -> str:
         rows = f"{self.known_rows:,}"
         unknown = self.unknown_row_items - len(self.bad_items)

@@ -19,6 +19,7 @@ from pipelines.errors import OutputError
 from pipelines.fingerprint import rerank_fingerprint
 from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
+from pipelines.report import write_report
 from pipelines.runner import process_items, totals
 from pipelines.storage import Storage
 from pipelines.watchdog import iter_batches_watched
@@ -80,7 +81,10 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
             print(f"WARNING: documents file {bad.rel} skipped ({bad.bad_reason}): {bad.bad_detail}; candidates "
                   "that need its documents are rejected as unknown_doc", file=stream, flush=True)
     if dry_run:
-        return plan.summary()
+        c = cfg.compute
+        figures, line = plan.estimate(c.estimate_tokens_per_gpu_s, c.estimate_usd_per_gpu_hour, c.max_replicas)
+        print(line, file=stream, flush=True)
+        return {**plan.summary(), **figures}
 
     from pipelines.graph import build_score_graph
 
@@ -104,6 +108,8 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
                       "queries": sum(c["queries"] for c in ranks.values()), "top_k": cfg.output.top_k,
                       "wall_s": round(outcome.progress.elapsed, 3)}
         root.write_success(all_totals)
+        report = write_report(root, outcome.commits, all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
+    print(f"report: {root.storage.path(report)}", file=stream, flush=True)
     return summary

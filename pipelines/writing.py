@@ -34,10 +34,20 @@ PIECE_SCHEMA = pa.schema([
     ("item", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("item_rows", pa.int64()),
     ("data_files", pa.string()), ("data_rows", pa.int64()), ("reject_file", pa.string()),
     ("reject_rows", pa.int64()), ("reject_sha256", pa.string()), ("reject_reasons", pa.string()),
-    ("tokens", pa.int64()),
+    ("tokens", pa.int64()), ("padded_tokens", pa.int64()), ("length_hist", pa.string()),
 ])
 """One record per piece: a contiguous run of one item's rows. `data_files` is a JSON list of
-{path, rows, sha256, bytes} (one file per partition value; one file without partitioning)."""
+{path, rows, sha256, bytes} (one file per partition value; one file without partitioning).
+`padded_tokens` counts the tokens computed with padding (0 where the stage does not report it) and
+`length_hist` is a JSON list: rows whose token count is ≤ 1, 2, 4, … 2^k (see `length_histogram`)."""
+
+
+def length_histogram(n_tokens: np.ndarray) -> list[int]:
+    """Rows per power-of-two length bucket: index k counts rows with 2^(k-1) < tokens ≤ 2^k."""
+    if len(n_tokens) == 0:
+        return []
+    buckets = np.ceil(np.log2(np.maximum(np.asarray(n_tokens, dtype=np.float64), 1))).astype(np.int64)
+    return np.bincount(buckets).tolist()
 
 
 def _parquet_bytes(table: pa.Table, fingerprint_json: str) -> bytes:
@@ -105,7 +115,8 @@ def write_file_reject(storage: Storage, item_id: str, reason: str, fingerprint: 
                        "reason": [reason], "item": [item_id]})
     rel, digest, _ = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True))
     return {"item": item_id, "start": 0, "end": 0, "item_rows": 0, "data_files": "[]", "data_rows": 0,
-            "reject_file": rel, "reject_rows": 1, "reject_sha256": digest, "reject_reasons": None, "tokens": 0}
+            "reject_file": rel, "reject_rows": 1, "reject_sha256": digest, "reject_reasons": None, "tokens": 0,
+            "padded_tokens": 0, "length_hist": "[]"}
 
 
 def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
@@ -132,7 +143,10 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
         record = {"item": item, "start": first, "end": last + 1,
                   "item_rows": int(run.column("_item_rows")[0].as_py()), "data_files": "[]",
                   "data_rows": good.num_rows, "reject_file": None, "reject_rows": 0, "reject_sha256": None,
-                  "reject_reasons": None, "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0)}
+                  "reject_reasons": None, "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0),
+                  "padded_tokens": int(pa.compute.sum(good.column("_padded")).as_py() or 0)
+                  if "_padded" in good.column_names else 0,
+                  "length_hist": json.dumps(length_histogram(good.column("n_tokens").to_numpy()))}
         failpoints.hit("before_piece_write")
         if good.num_rows:
             files = []

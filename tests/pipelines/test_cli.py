@@ -37,6 +37,16 @@ def test_dry_run_prints_the_plan_and_touches_no_output(local_job, capsys):
     err = capsys.readouterr().err
     assert "plan: 1 file(s), 3 work item(s), 25 rows" in err and "tokens" in err
     assert not out.exists()
+    speed = ["--set", "compute.estimate_tokens_per_gpu_s=0.01", "--set", "compute.estimate_usd_per_gpu_hour=2",
+             "--set", "compute.max_replicas=4"]
+    assert main(["embed", str(cfg), "--dry-run", "--json", *speed]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out.strip().splitlines()[-1])
+    hours = plan["est_tokens"] / 0.01 / 3600
+    assert plan["est_tokens"] > 0 and plan["est_gpu_hours"] == pytest.approx(hours, abs=1e-3)
+    assert plan["est_cost_usd"] == pytest.approx(2 * hours, abs=0.01)
+    assert plan["est_wall_hours"] == pytest.approx(hours / 4, abs=1e-3)
+    assert "GPU-hours at 0.01 tokens/s per GPU" in captured.err and "$2.00/GPU-hour" in captured.err
 
 
 @pytest.mark.parametrize("override, message", [
