@@ -2,14 +2,17 @@
 
     EMBEDRANK_FAILPOINTS=before_piece_write,after_commit_write   names to fire (crash)
     EMBEDRANK_FAILPOINTS=replica_batch:hang@3                    hang on this process's 3rd hit
+    EMBEDRANK_FAILPOINTS=replica_batch:delay=0.5                 sleep 0.5 s on every hit (a slow replica)
     EMBEDRANK_FAILPOINT_DIR=/some/dir                             fire each name once only
 
 A spec is `name[:action][@n]`. Action `crash` (the default) kills the process at
 once (`os._exit(137)`, like SIGKILL: no cleanup, no finally blocks); `hang`
-sleeps forever, as a wedged driver call or GPU would. `@n` fires on the n-th
-hit in a process (default the first). With EMBEDRANK_FAILPOINT_DIR set, a
-marker file there makes each name fire only once across processes, so a
-retried task or a rerun gets through. The points:
+sleeps forever, as a wedged driver call or GPU would; `delay=S` sleeps S seconds
+on every hit (`@n` and the marker dir do not apply), a slow stage that keeps a
+pool busy without using CPU. `@n` fires on the n-th hit in a process (default
+the first). With EMBEDRANK_FAILPOINT_DIR set, a marker file there makes each
+name fire only once across processes, so a retried task or a rerun gets through.
+The points:
 
 - before_piece_write   write task, before a piece file is written
 - after_piece_write    write task, after its pieces are written, before it reports them
@@ -42,6 +45,9 @@ def hit(name: str) -> None:
     if spec is None:
         return
     action, nth = spec
+    if action.startswith("delay="):
+        time.sleep(float(action[len("delay="):]))
+        return
     _hits[name] += 1
     if _hits[name] != nth:
         return

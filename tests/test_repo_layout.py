@@ -19,6 +19,41 @@ def test_cluster_yaml_validates_against_rays_launcher_schema():
     assert gpu["min_workers"] == 0 and gpu["max_workers"] > 0
 
 
+def test_cluster_yaml_is_locked_down_and_installs_this_project():
+    from ray.util.accelerators import accelerators
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    # the head runs the driver only: no CPU (no read/tokenize/write tasks) and no GPU for Ray to schedule
+    assert head["resources"]["CPU"] == 0 and head["resources"].get("GPU", 0) == 0
+    assert config["max_workers"] > 0 and config["idle_timeout_minutes"] > 0
+    for t in workers.values():
+        assert t["min_workers"] == 0 and t["max_workers"] > 0  # every worker scales from (and back to) zero
+    # GPU types advertise the accelerator type that compute.accelerator_type asks for, in Ray's own names
+    known = {v for k, v in vars(accelerators).items() if k.startswith("NVIDIA_")}
+    declared = {r.split(":", 1)[1] for t in workers.values() for r in t["resources"]
+                if r.startswith("accelerator_type:")}
+    assert {"L4", "A100"} <= declared <= known, declared
+    # nothing but SSH from outside; the dashboard/job server on loopback, reached through `ray dashboard`
+    assert config["provider"]["security_group"]["IpPermissions"] == []
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    head_start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in " ".join(starts)
+    # token auth on every node, the local token shipped to each
+    assert len(ray_starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in ray_starts)
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["initialization_commands"])
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    # this repository is mounted and installed (editable) on the head and on every worker type
+    assert config["file_mounts"]["~/embedrank"] == "."
+    install = "pip install --quiet -e ~/embedrank"
+    assert install in config["head_setup_commands"]
+    for t in workers.values():
+        assert install in t.get("worker_setup_commands", config["worker_setup_commands"])
+
+
 @pytest.mark.parametrize("package", ["actors", "pipelines"])
 def test_room_boundaries(package):
     forbidden = {"actors": ("import ray", "from ray"), "pipelines": ("import torch", "from torch",
