@@ -82,7 +82,7 @@ def report(title: str, res: dict, lengths: np.ndarray, flops: float, peak: float
     real = int(lengths.sum())
     print(f"\n{title}: {n_docs} docs, {real:,} tokens (median {int(np.median(lengths))}, "
           f"p99 {int(np.percentile(lengths, 99))}, max {int(lengths.max())})")
-    hdr = (f"{'method':<17} {'docs/s':>9} {'tokens/s':>11} {'median s':>9} {'× card':>7} {'× st':>6} "
+    hdr = (f"{'method':<22} {'docs/s':>9} {'tokens/s':>11} {'median s':>9} {'× card':>7} {'× st':>6} "
            f"{'pad eff':>8} {'MFU':>7} {'1-cos vs card':>14} runs")
     print(hdr)
     base = {k: ec.median(v["times"]) for k, v in res.items()}
@@ -94,14 +94,14 @@ def report(title: str, res: dict, lengths: np.ndarray, flops: float, peak: float
     out = {}
     for name, t, r in rows:
         if r["error"] or not r["times"]:
-            print(f"{name:<17} {r['error'] or 'not run'}")
+            print(f"{name:<22} {r['error'] or 'not run'}")
             continue
         x_card = base.get("card", float("nan")) / t
         x_st = base.get("st", float("nan")) / t
         eff = r["real"] / r["computed"] if r["computed"] else float("nan")
         mfu = f"{100 * flops / t / (peak * 1e12):6.1f}%" if peak else f"{'n/a':>7}"
         delta = ec.max_cos_delta(r["vectors"], res.get("card", {}).get("vectors"))
-        print(f"{name:<17} {n_docs / t:9.1f} {real / t:11,.0f} {t:9.3f} {x_card:7.2f} {x_st:6.2f} "
+        print(f"{name:<22} {n_docs / t:9.1f} {real / t:11,.0f} {t:9.3f} {x_card:7.2f} {x_st:6.2f} "
               f"{eff:8.3f} {mfu} {delta:14.1e} {len(r['times'])}")
         out[name] = real / t
     return out
