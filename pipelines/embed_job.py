@@ -110,5 +110,5 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
         report = write_report(root, outcome.commits, all_totals)
     summary = summarize(outcome, all_totals, cfg.output.path, stream)
     summary["orphans_removed_at_end"] = len(removed)
-    print(f"report: {root.storage.path(report)}", file=stream, flush=True)
+    print(f"report: {cfg.output.path.rstrip('/')}/{report}", file=stream, flush=True)
     return summary
