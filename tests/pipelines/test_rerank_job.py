@@ -12,6 +12,7 @@ from pipelines.commit import COMMITS_DIR, RANK_COMMITS_DIR
 from pipelines.config import RerankJobConfig
 from pipelines.rerank_job import run_rerank
 from pipelines.verify import read_committed, verify_output
+from support.faulty_proxy import FAULT_KINDS, FaultyProxy
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,9 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
         ranked.to_pylist(), key=lambda r: (r["query_id"], r["doc_id"]))
 
 
-def test_doc_ids_joined_with_documents_and_top_k(ray_local, s3_bucket, s3_server, tiny_reranker_model):
+def test_doc_ids_joined_with_documents_and_top_k_through_a_faulty_s3(ray_local, s3_bucket, s3_server,
+                                                                    tiny_reranker_model):
+    """Both phases (score with the join, then rank) run against an S3 that fails every 20th request."""
     bucket, opts = s3_bucket
     fs = s3_server.filesystem()
     rng = np.random.default_rng(1)
@@ -139,8 +142,14 @@ def test_doc_ids_joined_with_documents_and_top_k(ray_local, s3_bucket, s3_server
                                                     "query": [queries[q] for q, _ in pairs],
                                                     "doc_id": [d for _, d in pairs]}))
     out = f"s3://{bucket}/reranked/docs"
-    summary = run_rerank(job([f"s3://{bucket}/cands/*.parquet"], out, opts, tiny_reranker_model,
-                             documents=[f"s3://{bucket}/docs/*.parquet"], top_k=3))
+    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
+    with FaultyProxy(host, int(port), every=20) as proxy:
+        faulty = {**opts, "endpoint_url": proxy.endpoint_url}
+        summary = run_rerank(job([f"s3://{bucket}/cands/*.parquet"], out, faulty, tiny_reranker_model,
+                                 documents=[f"s3://{bucket}/docs/*.parquet"], top_k=3))
+        faults = proxy.stats
+    print("proxy:", faults)
+    assert all(faults[k] for k in FAULT_KINDS)
     reasons = summary["totals"]["reject_reasons"]
     assert reasons["unknown_doc"] == 1 and reasons["duplicate_document"] == sum(d == "d3" for _, d in pairs)
     report = verify_output(out, opts)
