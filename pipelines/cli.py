@@ -105,7 +105,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.storage import Storage
 
     root = OutputRoot(Storage(args.output, _parse_storage_options(args.storage_option)))
-    print(root.storage.path(rebuild_report(root)))
+    print(f"{args.output.rstrip('/')}/{rebuild_report(root)}")
     return 0
 
 
