@@ -131,6 +131,19 @@ class OutputRoot:
         self.storage.write_bytes(SUCCESS_FILE, _dumps({**totals, "finished_at": _now()}))
 
 
+def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sums over item commit records: items, rows, rejected rows by reason, tokens, files rejected whole."""
+    reasons: dict[str, int] = {}
+    for c in commits:
+        for r, n in c.get("reject_reasons", {}).items():
+            reasons[r] = reasons.get(r, 0) + n
+    return {"items": len(commits), "rows": sum(c["rows"] for c in commits),
+            "rejected": sum(c["rejected"] for c in commits), "reject_reasons": dict(sorted(reasons.items())),
+            "tokens": sum(c["tokens"] for c in commits),
+            "rejected_files": sorted(({"file": c["source"], "reason": c["bad_file"]["reason"]}
+                                     for c in commits if c.get("bad_file")), key=lambda f: f["file"])}
+
+
 def sum_histograms(hists: Iterable[list[int]]) -> list[int]:
     total: list[int] = []
     for h in hists:

@@ -7,14 +7,14 @@ import os
 import sys
 from typing import Any, TextIO
 
-from pipelines.commit import OutputRoot
+from pipelines.commit import OutputRoot, totals
 from pipelines.config import EmbedJobConfig
 from pipelines.errors import ModelLoadError
 from pipelines.fingerprint import embed_fingerprint
 from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
-from pipelines.report import write_report
-from pipelines.runner import process_items, totals
+from pipelines.report import REPORT_FILE, write_report
+from pipelines.runner import process_items
 from pipelines.storage import Storage
 
 
@@ -67,7 +67,24 @@ def preflight_model(path: str, dimensions: int | None = None, storage_options: d
         _check_model_config(path, json.load(fh), dimensions)
 
 
-def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) -> dict[str, Any]:
+def dry_run_summary(plan, compute, stream: TextIO) -> dict[str, Any]:
+    """`--dry-run`: the plan's figures plus its GPU-hour and cost estimate (the plan itself is printed already)."""
+    figures, line = plan.estimate(compute.estimate_tokens_per_gpu_s, compute.estimate_usd_per_gpu_hour,
+                                  compute.max_replicas)
+    print(line, file=stream, flush=True)
+    return {**plan.summary(), **figures}
+
+
+def close_output(root: OutputRoot, commits: dict[str, dict], all_totals: dict[str, Any]) -> list[str]:
+    """End of a run, lock held: drop orphans, write `_SUCCESS` and the report; returns the orphans removed."""
+    removed = root.remove_orphans(commits)
+    root.write_success(all_totals)
+    write_report(root, commits, all_totals)
+    return removed
+
+
+def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO,
+              removed: list[str]) -> dict[str, Any]:
     outcome.progress.print_line()
     summary = {**outcome.progress.summary(), "output": output, "totals": all_totals}
     reasons = ", ".join(f"{r}={n}" for r, n in all_totals["reject_reasons"].items()) or "none"
@@ -79,6 +96,8 @@ def summarize(outcome, all_totals: dict[str, Any], output: str, stream: TextIO) 
     if bad:
         print(f"WARNING: {len(bad)} file(s) rejected whole (see _rejects/): "
               + ", ".join(f"{f['file']} ({f['reason']})" for f in bad), file=stream, flush=True)
+    print(f"report: {output.rstrip('/')}/{REPORT_FILE}", file=stream, flush=True)
+    summary["orphans_removed_at_end"] = len(removed)
     return summary
 
 
@@ -89,10 +108,7 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
     plan = make_plan(cfg.input)
     print(plan.describe(), file=stream, flush=True)
     if dry_run:
-        c = cfg.compute
-        figures, line = plan.estimate(c.estimate_tokens_per_gpu_s, c.estimate_usd_per_gpu_hour, c.max_replicas)
-        print(line, file=stream, flush=True)
-        return {**plan.summary(), **figures}
+        return dry_run_summary(plan, cfg.compute, stream)
 
     from pipelines.graph import build_embed_graph
 
@@ -104,11 +120,6 @@ def run_embed(cfg: EmbedJobConfig, *, dry_run: bool = False, stream: TextIO | No
             run=cfg.run,
             build_graph=lambda items: build_embed_graph(cfg, items, root.storage, fingerprint), label="embed",
             stream=stream)
-        removed = root.remove_orphans(outcome.commits)
         all_totals = {**totals(list(outcome.commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
-        root.write_success(all_totals)
-        report = write_report(root, outcome.commits, all_totals)
-    summary = summarize(outcome, all_totals, cfg.output.path, stream)
-    summary["orphans_removed_at_end"] = len(removed)
-    print(f"report: {cfg.output.path.rstrip('/')}/{report}", file=stream, flush=True)
-    return summary
+        removed = close_output(root, outcome.commits, all_totals)
+    return summarize(outcome, all_totals, cfg.output.path, stream, removed)

@@ -14,7 +14,7 @@ import html
 import io
 from typing import Any
 
-from pipelines.commit import OutputRoot, sum_histograms
+from pipelines.commit import SUCCESS_FILE, OutputRoot, sum_histograms, totals
 from pipelines.errors import OutputError
 
 REPORT_FILE = "_report.html"
@@ -99,31 +99,27 @@ def rejects_plot(reasons: dict[str, int], files: int) -> str:
     return _png(fig)
 
 
-def render(job: dict[str, Any], commits: list[dict[str, Any]], totals: dict[str, Any]) -> str:
-    """The report page for a job whose commits are `commits` and whose run ended with `totals`."""
-    reasons: dict[str, int] = {}
-    for c in commits:
-        for r, n in c.get("reject_reasons", {}).items():
-            reasons[r] = reasons.get(r, 0) + n
-    bad_files = [c for c in commits if c.get("bad_file")]
-    tokens = sum(c["tokens"] for c in commits)
+def render(job: dict[str, Any], commits: list[dict[str, Any]], run_totals: dict[str, Any]) -> str:
+    """The report page for a job whose commits are `commits` and whose last run ended with `run_totals`."""
+    sums = totals(commits)
+    tokens = sums["tokens"]
     padded = sum(c.get("padded_tokens", 0) for c in commits)
     fp = job["fingerprint"]
     rows = [
         ("task", fp.get("task")), ("model", fp.get("model")), ("revision", fp.get("revision") or "-"),
         ("work items", f"{len(commits):,} of {len(job['items']):,}"),
-        ("rows committed", f"{sum(c['rows'] for c in commits):,}"),
-        ("rows rejected", f"{sum(c['rejected'] for c in commits):,}"),
-        ("files rejected whole", ", ".join(f"{c['source']} ({c['bad_file']['reason']})" for c in bad_files) or "none"),
+        ("rows committed", f"{sums['rows']:,}"),
+        ("rows rejected", f"{sums['rejected']:,}"),
+        ("files rejected whole", ", ".join(f"{f['file']} ({f['reason']})" for f in sums["rejected_files"]) or "none"),
         ("tokens", f"{tokens:,}"),
         ("padding efficiency", f"{tokens / padded:.1%} ({padded:,} tokens computed)" if padded else "not measured"),
-        ("last run wall time", f"{totals.get('wall_s', 0):,.1f} s"),
+        ("last run wall time", f"{run_totals.get('wall_s', 0):,.1f} s"),
         ("report written", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
     ]
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     plots = [("throughput", throughput_plot(commits, dt.datetime.fromisoformat(job["updated_at"]))),
              ("lengths", length_plot(sum_histograms(c.get("length_hist", []) for c in commits))),
-             ("padding", padding_plot(commits)), ("rejects", rejects_plot(reasons, len(bad_files)))]
+             ("padding", padding_plot(commits)), ("rejects", rejects_plot(sums["reject_reasons"], len(sums["rejected_files"])))]
     images = "\n".join(f'<figure><img id="{name}" alt="{name}" src="data:image/png;base64,{data}"></figure>'
                        for name, data in plots)
     return f"""<!doctype html>
@@ -137,12 +133,12 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head>
 """
 
 
-def write_report(root: OutputRoot, commits: dict[str, dict], totals: dict[str, Any]) -> str:
+def write_report(root: OutputRoot, commits: dict[str, dict], run_totals: dict[str, Any]) -> str:
     """Render and store `_report.html`; returns its path relative to the output."""
     job = root.read_job()
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; nothing to report")
-    root.storage.write_bytes(REPORT_FILE, render(job, list(commits.values()), totals).encode())
+    root.storage.write_bytes(REPORT_FILE, render(job, list(commits.values()), run_totals).encode())
     return REPORT_FILE
 
 
@@ -152,4 +148,4 @@ def rebuild_report(root: OutputRoot) -> str:
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; not an embedrank output")
     commits = root.read_commits([i["item_id"] for i in job["items"]])
-    return write_report(root, commits, root.read_json("_SUCCESS") or {})
+    return write_report(root, commits, root.read_json(SUCCESS_FILE) or {})

@@ -12,15 +12,14 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from pipelines.commit import OutputRoot
+from pipelines.commit import OutputRoot, totals
 from pipelines.config import RerankJobConfig
-from pipelines.embed_job import preflight_model, recorded_config, summarize
+from pipelines.embed_job import close_output, dry_run_summary, preflight_model, recorded_config, summarize
 from pipelines.errors import OutputError
 from pipelines.fingerprint import rerank_fingerprint
 from pipelines.lock import OutputLock
 from pipelines.plan import make_plan
-from pipelines.report import write_report
-from pipelines.runner import process_items, totals
+from pipelines.runner import process_items
 from pipelines.storage import Storage
 from pipelines.watchdog import iter_batches_watched
 
@@ -81,10 +80,7 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
             print(f"WARNING: documents file {bad.rel} skipped ({bad.bad_reason}): {bad.bad_detail}; candidates "
                   "that need its documents are rejected as unknown_doc", file=stream, flush=True)
     if dry_run:
-        c = cfg.compute
-        figures, line = plan.estimate(c.estimate_tokens_per_gpu_s, c.estimate_usd_per_gpu_hour, c.max_replicas)
-        print(line, file=stream, flush=True)
-        return {**plan.summary(), **figures}
+        return dry_run_summary(plan, cfg.compute, stream)
 
     from pipelines.graph import build_score_graph
 
@@ -98,7 +94,6 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
             label="rerank", stream=stream, before_new_work=root.drop_rank_commits,
             reject_id_columns=("query_id", "doc_id"))
         ranks = rank_scores(cfg, root, fingerprint, outcome.fingerprint_id, outcome.commits, stream)
-        removed = root.remove_orphans(outcome.commits)
         scored = totals(list(outcome.commits.values()))
         duplicates = sum(c["rejected"] for c in ranks.values())
         reasons = dict(scored["reject_reasons"], **({"duplicate_pair": duplicates} if duplicates else {}))
@@ -107,9 +102,5 @@ def run_rerank(cfg: RerankJobConfig, *, dry_run: bool = False, stream: TextIO | 
                       "rows": sum(c["rows"] for c in ranks.values()),
                       "queries": sum(c["queries"] for c in ranks.values()), "top_k": cfg.output.top_k,
                       "wall_s": round(outcome.progress.elapsed, 3)}
-        root.write_success(all_totals)
-        report = write_report(root, outcome.commits, all_totals)
-    summary = summarize(outcome, all_totals, cfg.output.path, stream)
-    summary["orphans_removed_at_end"] = len(removed)
-    print(f"report: {cfg.output.path.rstrip('/')}/{report}", file=stream, flush=True)
-    return summary
+        removed = close_output(root, outcome.commits, all_totals)
+    return summarize(outcome, all_totals, cfg.output.path, stream, removed)

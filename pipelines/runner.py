@@ -38,18 +38,6 @@ def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[dict
     return committer.commit_empty()
 
 
-def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
-    reasons: dict[str, int] = {}
-    for c in commits:
-        for r, n in c.get("reject_reasons", {}).items():
-            reasons[r] = reasons.get(r, 0) + n
-    return {"items": len(commits), "rows": sum(c["rows"] for c in commits),
-            "rejected": sum(c["rejected"] for c in commits), "reject_reasons": dict(sorted(reasons.items())),
-            "tokens": sum(c["tokens"] for c in commits),
-            "rejected_files": sorted(({"file": c["source"], "reason": c["bad_file"]["reason"]}
-                                     for c in commits if c.get("bad_file")), key=lambda f: f["file"])}
-
-
 def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
                   recorded_config: dict[str, Any], run: RunConfig,
                   build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,

@@ -10,7 +10,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from pipelines.commit import SUCCESS_FILE, OutputRoot
+from pipelines.commit import SUCCESS_FILE, OutputRoot, totals
 from pipelines.errors import OutputError
 from pipelines.lock import LOCK_FILE, owner_gone
 from pipelines.progress import format_duration
@@ -45,10 +45,7 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     commits = list(root.read_commits([i["item_id"] for i in items]).values())
     lock = root.read_json(LOCK_FILE)
     state, heartbeat_age = _state(root, job, lock)
-    reasons: dict[str, int] = {}
-    for c in commits:
-        for r, n in c.get("reject_reasons", {}).items():
-            reasons[r] = reasons.get(r, 0) + n
+    sums = totals(commits)
     planned_rows = sum(i["row_end"] - i["row_start"] for i in items if i["row_end"] is not None)
     done_rows = sum(c["rows"] + c["rejected"] for c in commits)
     run_started = _when(job["updated_at"])
@@ -61,10 +58,8 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     status = {
         "output": output, "task": job["fingerprint"].get("task"), "model": job["fingerprint"].get("model"),
         "state": state, "items_committed": len(commits), "items_total": len(items),
-        "rows": sum(c["rows"] for c in commits), "rejected": sum(c["rejected"] for c in commits),
-        "reject_reasons": dict(sorted(reasons.items())),
-        "rejected_files": sum(1 for c in commits if c.get("bad_file")),
-        "tokens": sum(c["tokens"] for c in commits), "planned_rows": planned_rows,
+        "rows": sums["rows"], "rejected": sums["rejected"], "reject_reasons": sums["reject_reasons"],
+        "rejected_files": len(sums["rejected_files"]), "tokens": sums["tokens"], "planned_rows": planned_rows,
         "run_started": job["updated_at"],
         "last_commit": dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None,
         "rows_per_s": round(rate, 3) if rate else None,
