@@ -1,4 +1,4 @@
-"""`embedrank` command line: embed, rerank, verify, demo.
+"""`embedrank` command line: embed, rerank, reindex, versions, gc, verify, status, report, demo.
 
 User mistakes (bad config, unreadable input, refused output) print one clear
 message and exit 2; they never print a traceback.
@@ -80,6 +80,50 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from pipelines.config import ReindexJobConfig, load_config
+    from pipelines.reindex_job import run_reindex
+
+    cfg = load_config(args.config, args.set, schema=ReindexJobConfig)
+    summary = run_reindex(cfg, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _index(args: argparse.Namespace):
+    from pipelines.index import IndexRoot
+    from pipelines.storage import Storage
+
+    return IndexRoot(Storage(args.root, _parse_storage_options(args.storage_option)))
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    rows = _index(args).describe()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    if not rows:
+        print(f"{args.root}: no versions")
+    for r in rows:
+        counts = r["counts"] or {}
+        changes = " ".join(f"{k}={counts[k]}" for k in ("new", "changed", "unchanged", "deleted") if k in counts)
+        rows_text = "?" if r["rows"] is None else f"{r['rows']:,}"
+        print(f"{r['version']}  {r['state']}  rows={rows_text}  base={r['base'] or '-'}  {changes}".rstrip())
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipelines.lock import OutputLock
+
+    index = _index(args)
+    with OutputLock(index.storage, args.lock_stale_s):
+        result = index.gc(args.keep, sys.stdout)
+    print(f"gc: kept {', '.join(result['kept'])}; collected {len(result['collected'])} version(s), "
+          f"deleted {result['files_deleted']} file(s)")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipelines.verify import verify_output
 
@@ -120,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, func, text in (("embed", cmd_embed, "embed a corpus into committed Parquet vectors (resumable)"),
-                             ("rerank", cmd_rerank, "score and rank candidate (query, document) pairs (resumable)")):
+                             ("rerank", cmd_rerank, "score and rank candidate (query, document) pairs (resumable)"),
+                             ("reindex", cmd_reindex, "publish the next version of an index, embedding only new "
+                              "and changed documents (resumable; for cron)")):
         job = sub.add_parser(name, help=text)
         job.add_argument("config", help="YAML job config")
         job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -138,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
                              help="fsspec option for the output filesystem (repeatable)")
         command.set_defaults(func=func)
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+    versions = sub.add_parser("versions", help="list an index root's versions: current, previous, unpublished")
+    gc = sub.add_parser("gc", help="delete old index versions, keeping the newest N and every file they name")
+    for command, func in ((versions, cmd_versions), (gc, cmd_gc)):
+        command.add_argument("root", help="index root (local path or fsspec URL)")
+        command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                             help="fsspec option for the index filesystem (repeatable)")
+        command.set_defaults(func=func)
+    versions.add_argument("--json", action="store_true", help="one JSON list instead of text")
+    gc.add_argument("--keep", type=int, required=True, help="how many of the newest published versions to keep")
+    gc.add_argument("--lock-stale-s", type=float, default=600.0, help="take over an index lock older than this")
 
     demo = sub.add_parser("demo", help="generate a sample corpus and run the demo job end to end on local Ray")
     demo.add_argument("--workdir", default=".demo", help="where the corpus, model and output go")

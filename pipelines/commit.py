@@ -132,7 +132,8 @@ class OutputRoot:
 
 
 def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sums over item commit records: items, rows, rejected rows by reason, tokens, files rejected whole."""
+    """Sums over item commit records: items, rows, rejected rows by reason, tokens, files rejected whole, and
+    rows whose vector was carried from an older index version (`rows - carried` were computed)."""
     reasons: dict[str, int] = {}
     for c in commits:
         for r, n in c.get("reject_reasons", {}).items():
@@ -140,6 +141,7 @@ def totals(commits: list[dict[str, Any]]) -> dict[str, Any]:
     return {"items": len(commits), "rows": sum(c["rows"] for c in commits),
             "rejected": sum(c["rejected"] for c in commits), "reject_reasons": dict(sorted(reasons.items())),
             "tokens": sum(c["tokens"] for c in commits),
+            "carried": sum(c.get("carried", 0) for c in commits),
             "rejected_files": sorted(({"file": c["source"], "reason": c["bad_file"]["reason"]}
                                      for c in commits if c.get("bad_file")), key=lambda f: f["file"])}
 
@@ -223,6 +225,7 @@ class Committer:
             "reject_reasons": _sum_reasons(p["reject_reasons"] for p in pieces),
             "tokens": sum(p["tokens"] for p in pieces),
             "padded_tokens": sum(p["padded_tokens"] for p in pieces),
+            "carried": sum(p["carried_rows"] for p in pieces),
             "length_hist": sum_histograms(json.loads(p["length_hist"]) for p in pieces),
             "committed_at": _now(),
         }

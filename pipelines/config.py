@@ -208,6 +208,48 @@ class EmbedJobConfig(_Strict):
         return dict(self.input.storage_options if opts is None else opts)
 
 
+class IndexConfig(_Strict):
+    path: str = Field(description="Index root (local path or fsspec URL): holds v000001/, v000002/, … and "
+                      "_CURRENT.json, which names the version readers see.")
+    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for the index filesystem; null = the input's. Never recorded."
+    )
+    diff_partitions: int = Field(
+        16, gt=0, description="Hash partitions of the joins on id (snapshot vs current version) run on the cluster.",
+    )
+
+
+class ReindexJobConfig(_Strict):
+    """A scheduled reindex: the next version of an index from a new snapshot of the corpus."""
+
+    input: InputConfig = Field(description="The new snapshot of the corpus; input.id_column is required.")
+    model: ModelConfig = Field(description="The embedding model and its semantics.")
+    index: IndexConfig = Field(description="The index root whose next version this run publishes.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
+
+    @model_validator(mode="after")
+    def _needs_ids(self) -> "ReindexJobConfig":
+        if self.input.id_column is None:
+            raise ValueError("input.id_column is required for reindexing: documents are matched across snapshots "
+                             "by id (generated `<file>:<row>` ids would change whenever a row moves)")
+        return self
+
+    @property
+    def index_storage_options(self) -> dict[str, Any]:
+        opts = self.index.storage_options
+        return dict(self.input.storage_options if opts is None else opts)
+
+    def embed_config(self, version_url: str) -> EmbedJobConfig:
+        """The embedding job that builds one version (same fingerprint rules as `embedrank embed`)."""
+        return EmbedJobConfig(
+            input=self.input, model=self.model, compute=self.compute, run=self.run,
+            output=OutputConfig(path=version_url, vector_dtype=self.index.vector_dtype,
+                                storage_options=self.index_storage_options),
+        )
+
+
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -292,7 +334,7 @@ class RerankJobConfig(_Strict):
         return dict(self.input.storage_options if opts is None else opts)
 
 
-JobConfig = TypeVar("JobConfig", EmbedJobConfig, RerankJobConfig)
+JobConfig = TypeVar("JobConfig", EmbedJobConfig, RerankJobConfig, ReindexJobConfig)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -17,12 +17,14 @@ from typing import Any
 from actors.embedder import EmbedReplica
 from actors.reranker import RerankReplica
 from actors.tokenize import tokenize_batch
-from pipelines.config import ComputeConfig, EmbedJobConfig, RerankJobConfig
+from pipelines.config import ComputeConfig, EmbedJobConfig, InputConfig, RerankJobConfig
 from pipelines.joining import order_joined_item, read_documents
 from pipelines.model_cache import is_model_url
 from pipelines.plan import WorkItem
 from pipelines.ranking import rank_bucket, read_score_files
 from pipelines.reading import read_items
+from pipelines.reindexing import (carry_or_tokenize, count_changes, read_base_keys, read_base_vectors,
+                                  read_hash_and_tokenize, read_snapshot_keys, read_with_hash)
 from pipelines.storage import Storage
 from pipelines.writing import SCORES_DIR, write_pieces
 
@@ -34,6 +36,12 @@ def _items(items: list[WorkItem]):
     import ray.data
 
     return ray.data.from_items([{"item": json.dumps(i.to_dict())} for i in items], override_num_blocks=len(items))
+
+
+def _paths(paths: list[str]):
+    import ray.data
+
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 256)))
 
 
 def _model_pool(compute: ComputeConfig) -> dict[str, Any]:
@@ -57,14 +65,23 @@ def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
     return tokenize_batch(read_items(batch, cfg), **tokenizer)
 
 
+def _tokenizer(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    m = cfg.model
+    return {"path": m.path, "revision": m.revision, "max_length": m.max_length, "instruction": m.instruction,
+            **_model_source(cfg, fingerprint)}
+
+
 def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage,
                       fingerprint: dict[str, Any]):
+    ds = _items(items).map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow",
+                                   num_cpus=cfg.compute.io_num_cpus,
+                                   fn_kwargs={"cfg": cfg.input, "tokenizer": _tokenizer(cfg, fingerprint)})
+    return _embed_and_write(ds, cfg, storage, fingerprint, EMBED_OUTPUT_BASE + list(cfg.input.passthrough_columns))
+
+
+def _embed_and_write(ds, cfg: EmbedJobConfig, storage: Storage, fingerprint: dict[str, Any],
+                     output_columns: list[str]):
     m, c = cfg.model, cfg.compute
-    ds = _items(items).map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
-                        fn_kwargs={"cfg": cfg.input, "tokenizer": {"path": m.path, "revision": m.revision,
-                                                                   "max_length": m.max_length,
-                                                                   "instruction": m.instruction,
-                                                                   **_model_source(cfg, fingerprint)}})
     ds = ds.map_batches(
         EmbedReplica,
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
@@ -73,10 +90,47 @@ def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Stora
                                **_model_source(cfg, fingerprint)},
         **_model_pool(c),
     )
-    output_columns = EMBED_OUTPUT_BASE + list(cfg.input.passthrough_columns)
     return ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, num_cpus=c.io_num_cpus,
                           fn_kwargs={"storage": storage, "fingerprint": fingerprint,
                                      "output_columns": output_columns, "partition_by": cfg.output.partition_by})
+
+
+def build_diff_graph(source: InputConfig, items: list[WorkItem], fingerprint_id: str, base_files: list[str],
+                     index_storage: Storage, partitions: int, io_num_cpus: float):
+    """reindex, phase 1: snapshot rows ⟗ the current version's rows on id → counts of new, changed, unchanged,
+    deleted and rejected documents (one small row per block; the driver sums them)."""
+    ds = _items(items).map_batches(read_snapshot_keys, batch_size=1, batch_format="pyarrow", num_cpus=io_num_cpus,
+                                   fn_kwargs={"cfg": source, "fingerprint_id": fingerprint_id}) if items else None
+    base = _paths(base_files).map_batches(read_base_keys, batch_size=1, batch_format="pyarrow",
+                                          num_cpus=io_num_cpus, fn_kwargs={"storage": index_storage}) \
+        if base_files else None
+    if ds is not None and base is not None:
+        ds = ds.join(base, join_type="full_outer", num_partitions=partitions, on=("id",))
+    return (ds if ds is not None else base).map_batches(count_changes, batch_size=None, batch_format="pyarrow",
+                                                        num_cpus=io_num_cpus)
+
+
+def build_reindex_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage, fingerprint: dict[str, Any],
+                        fingerprint_id: str, base_files: list[str], index_storage: Storage, partitions: int):
+    """reindex, phase 2: snapshot items ⟕ the current version's vectors on id → per item, unchanged documents
+    carry their vector, the rest are tokenised and embedded → write pieces (with `content_hash`)."""
+    c = cfg.compute
+    tokenizer = _tokenizer(cfg, fingerprint)
+    output_columns = EMBED_OUTPUT_BASE + ["content_hash"] + list(cfg.input.passthrough_columns)
+    if not base_files:
+        ds = _items(items).map_batches(read_hash_and_tokenize, batch_size=1, batch_format="pyarrow",
+                                       num_cpus=c.io_num_cpus,
+                                       fn_kwargs={"cfg": cfg.input, "fingerprint_id": fingerprint_id,
+                                                  "tokenizer": tokenizer})
+        return _embed_and_write(ds, cfg, storage, fingerprint, output_columns)
+    ds = _items(items).map_batches(read_with_hash, batch_size=1, batch_format="pyarrow", num_cpus=c.io_num_cpus,
+                                   fn_kwargs={"cfg": cfg.input, "fingerprint_id": fingerprint_id})
+    base = _paths(base_files).map_batches(read_base_vectors, batch_size=1, batch_format="pyarrow",
+                                          num_cpus=c.io_num_cpus, fn_kwargs={"storage": index_storage})
+    ds = ds.join(base, join_type="left_outer", num_partitions=partitions, on=("id",))
+    ds = ds.groupby("_item", num_partitions=partitions).map_groups(carry_or_tokenize, batch_format="pyarrow", num_cpus=c.io_num_cpus,
+                                        fn_kwargs={"tokenizer": tokenizer})
+    return _embed_and_write(ds, cfg, storage, fingerprint, output_columns)
 
 
 def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: list[WorkItem], storage: Storage,

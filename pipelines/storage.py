@@ -63,7 +63,9 @@ class Storage:
         return isinstance(self.fs, LocalFileSystem)
 
     def path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel) if rel else self.root
+        """The full path of `rel`; `..` segments are resolved (an index version names files of older versions as
+        `../v000001/data/…`, and object stores do not resolve `..` themselves)."""
+        return posixpath.normpath(posixpath.join(self.root, rel)) if rel else self.root
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write one object atomically: readers see the old state or the whole new object, never a part."""
@@ -92,7 +94,18 @@ class Storage:
         if not self.fs.exists(base):
             return []
         found = self.fs.find(base)
-        return sorted(posixpath.relpath(self.fs._strip_protocol(p), self.root) for p in found)
+        rels = (posixpath.relpath(self.fs._strip_protocol(p), self.root) for p in found)
+        return sorted(r for r in rels if r != posixpath.normpath(rel_dir or "."))  # not a store's folder marker
+
+    def list_dirs(self, rel_dir: str = "") -> list[str]:
+        """Names of the folders directly under `rel_dir` (one listing call, not a recursive walk)."""
+        base = self.path(rel_dir)
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
 
     def pending_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of multipart uploads begun under the root and never completed (S3; [] elsewhere).
@@ -120,6 +133,14 @@ class Storage:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             aborted += len(pending)
         return aborted
+
+    def delete_tree(self, rel_dir: str) -> None:
+        """Remove a folder and whatever is left under it (an empty folder, or a store's folder marker)."""
+        try:
+            self.fs.rm(self.path(rel_dir), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
 
     def delete(self, rels: list[str]) -> None:
         if rels:

@@ -22,8 +22,19 @@ from pipelines.storage import Storage
 from pipelines.writing import PIECE_DIRS
 
 
+def current_version_url(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """For an index root (`embedrank reindex`), the URL of its current version; any other output, itself.
+
+    Reading through the pointer is what keeps readers off a version that is still being built."""
+    from pipelines.index import IndexRoot
+
+    index = IndexRoot(Storage(output, storage_options))
+    pointer = None if index.storage.exists("_job.json") else index.current()
+    return index.version_url(pointer["version"]) if pointer else output
+
+
 def _open(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any], dict]:
-    root = OutputRoot(Storage(output, storage_options))
+    root = OutputRoot(Storage(current_version_url(output, storage_options), storage_options))
     job = root.read_job()
     if job is None:
         raise OutputError(f"{output}: no _job.json; not an embedrank output (or nothing was run yet)")
@@ -44,7 +55,7 @@ def _read(root: OutputRoot, paths: list[str]) -> pa.Table:
 
 def read_committed(output: str, storage_options: dict[str, Any] | None = None, *,
                    rejects: bool = False) -> pa.Table:
-    """All committed rows (or rejects) of an output as one pyarrow Table.
+    """All committed rows (or rejects) of an output, or of an index root's current version, as one Table.
 
     Embedding outputs: id, embedding, n_tokens, truncated, pass-through columns.
     Rerank outputs: query_id, doc_id, score, rank. Rejects: id column(s), row, reason, item.

@@ -26,6 +26,8 @@ SCORES_DIR = "_scores"
 REJECTS_DIR = "_rejects"
 PIECE_DIRS = (DATA_DIR, SCORES_DIR, REJECTS_DIR)
 FINGERPRINT_KEY = b"embedrank.fingerprint"
+CARRY = "_carry_embedding"
+"""Rows arriving with this column set keep that vector instead of the model's (a reindex's unchanged documents)."""
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 MAX_PARTITION_SEGMENT = 200
@@ -35,11 +37,13 @@ PIECE_SCHEMA = pa.schema([
     ("data_files", pa.string()), ("data_rows", pa.int64()), ("reject_file", pa.string()),
     ("reject_rows", pa.int64()), ("reject_sha256", pa.string()), ("reject_reasons", pa.string()),
     ("tokens", pa.int64()), ("padded_tokens", pa.int64()), ("length_hist", pa.string()),
+    ("carried_rows", pa.int64()),
 ])
 """One record per piece: a contiguous run of one item's rows. `data_files` is a JSON list of
 {path, rows, sha256, bytes} (one file per partition value; one file without partitioning).
 `padded_tokens` counts the tokens computed with padding (0 where the stage does not report it) and
-`length_hist` is a JSON list: rows whose token count is ≤ 1, 2, 4, … 2^k (see `length_histogram`)."""
+`length_hist` is a JSON list: rows whose token count is ≤ 1, 2, 4, … 2^k (see `length_histogram`).
+`carried_rows` counts rows whose vector was carried from an older index version, not computed."""
 
 
 def length_histogram(n_tokens: np.ndarray) -> list[int]:
@@ -56,6 +60,29 @@ def _parquet_bytes(table: pa.Table, fingerprint_json: str) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
     return buf.getvalue()
+
+
+def _matrix(vectors: pa.FixedSizeListArray) -> np.ndarray:
+    """rows × dim values of a fixed-size list array, null slots included (their values are meaningless)."""
+    dim = vectors.type.list_size
+    flat = vectors.values.slice(vectors.offset * dim, len(vectors) * dim)
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def use_carried_vectors(table: pa.Table) -> pa.Table:
+    """Rows with a carried vector (`CARRY`) take it as their `embedding` and are flagged `_carried`."""
+    if CARRY not in table.column_names:
+        return table
+    carried = table.column(CARRY)
+    mask = carried.is_valid().to_numpy(zero_copy_only=False)
+    table = table.drop_columns([CARRY]).append_column("_carried", pa.array(mask))
+    if not mask.any():
+        return table
+    emb = table.column("embedding").combine_chunks()
+    values = _matrix(emb).copy()
+    values[mask] = _matrix(carried.combine_chunks())[mask]
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), emb.type.value_type), emb.type.list_size)
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", fixed)
 
 
 def put_piece(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str):
@@ -116,7 +143,7 @@ def write_file_reject(storage: Storage, item_id: str, reason: str, fingerprint: 
     rel, digest, _ = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True))
     return {"item": item_id, "start": 0, "end": 0, "item_rows": 0, "data_files": "[]", "data_rows": 0,
             "reject_file": rel, "reject_rows": 1, "reject_sha256": digest, "reject_reasons": None, "tokens": 0,
-            "padded_tokens": 0, "length_hist": "[]"}
+            "padded_tokens": 0, "length_hist": "[]", "carried_rows": 0}
 
 
 def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
@@ -124,7 +151,7 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
                  partition_by: str | None = None) -> pa.Table:
     """Write every run of the batch as pieces; return one record per piece for the driver's commit loop."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
-    table = table.sort_by([("_item", "ascending"), ("_row", "ascending")])
+    table = use_carried_vectors(table).sort_by([("_item", "ascending"), ("_row", "ascending")])
     items = np.asarray(table.column("_item").to_numpy(zero_copy_only=False))
     rows = table.column("_row").to_numpy()
     records = []
@@ -146,7 +173,9 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
                   "reject_reasons": None, "tokens": int(pa.compute.sum(good.column("n_tokens")).as_py() or 0),
                   "padded_tokens": int(pa.compute.sum(good.column("_padded")).as_py() or 0)
                   if "_padded" in good.column_names else 0,
-                  "length_hist": json.dumps(length_histogram(good.column("n_tokens").to_numpy()))}
+                  "length_hist": json.dumps(length_histogram(good.column("n_tokens").to_numpy())),
+                  "carried_rows": int(pa.compute.sum(good.column("_carried")).as_py() or 0)
+                  if "_carried" in good.column_names else 0}
         failpoints.hit("before_piece_write")
         if good.num_rows:
             files = []
