@@ -5,7 +5,7 @@
    copied with paths rebased to the old files (no read, no compute, no copy of vectors).
 3. Diff, on the cluster: the other items' rows ⟗ the current version's other rows on id gives the counts of
    new, changed, unchanged, deleted and rejected documents. Nothing new, changed or deleted: nothing is
-   published.
+   published. With a changed fingerprint there is no diff: every vector changes (a full re-embed).
 4. Build, on the cluster: those items' rows ⟕ the base's vectors on id; unchanged documents carry their
    vector, new and changed ones are embedded; each item commits exactly as in `embedrank embed` (so a rerun
    after a crash resumes the same unpublished version).
@@ -73,7 +73,7 @@ class _Base:
 
 
 def _diff(cfg: ReindexJobConfig, items: list[WorkItem], fp_id: str, base_files: list[str], index: IndexRoot,
-          kept: dict[str, dict]) -> dict[str, int]:
+          kept: dict[str, dict], stream: TextIO) -> dict[str, int]:
     from pipelines.graph import build_diff_graph
     from pipelines.ray_runtime import ensure_ray, quiet_ray_data
     from pipelines.watchdog import iter_batches_watched
@@ -85,10 +85,15 @@ def _diff(cfg: ReindexJobConfig, items: list[WorkItem], fp_id: str, base_files: 
         quiet_ray_data()
         ds = build_diff_graph(cfg.input, readable, fp_id, base_files, index.storage, cfg.index.diff_partitions,
                               cfg.compute.io_num_cpus)
+        started = last = time.monotonic()
         for batch in iter_batches_watched(ds, cfg.run.stall_timeout_s, cfg.run.startup_timeout_s,
                                           batch_format="pyarrow", batch_size=None):
             for kind in CHANGE_KINDS:
                 counts[kind] += sum(batch.column(kind).to_pylist())
+            if time.monotonic() - last >= cfg.run.progress_interval_s:
+                last = time.monotonic()
+                print(f"[diff] {sum(counts.values()):,} documents compared so far ({_count_line(counts)}) · "
+                      f"{format_duration(last - started)}", file=stream, flush=True)
     counts["unchanged"] += sum(c["rows"] for c in kept.values())
     counts["rejected"] += sum(c["rejected"] for c in kept.values())
     counts["files_rejected"] = sum(1 for i in items if i.bad_reason)
@@ -105,6 +110,9 @@ def _nothing_changed(counts: dict[str, int], base: _Base, kept: dict[str, dict])
 
 
 def _count_line(counts: dict[str, int]) -> str:
+    if "reembedded" in counts:
+        return (f"full re-embed {counts['reembedded']:,} (no per-document diff: every vector changes) · "
+                f"rejected {counts['rejected']:,}")
     return " · ".join(f"{k} {counts.get(k, 0):,}" for k in CHANGE_KINDS)
 
 
@@ -145,8 +153,8 @@ def _reindex_locked(cfg: ReindexJobConfig, index: IndexRoot, plan: Plan, started
     resumed = "counts" in state or index.version_root(target).read_job() is not None
     print(f"reindex: {'resuming' if resumed else 'building'} {target} from {base.name or 'nothing (first version)'}: "
           f"{len(kept)} item(s) unchanged (kept by reference), {len(rebuild)} to read", file=stream, flush=True)
-    if "counts" not in state and base.name is not None:
-        state = {**state, "counts": _diff(cfg, rebuild, fp_id, base_files, index, kept)}
+    if "counts" not in state and same_model:  # a full re-embed needs no diff: every vector changes
+        state = {**state, "counts": _diff(cfg, rebuild, fp_id, base_files, index, kept, stream)}
         index.write_attempt_state(target, state)
     counts = state.get("counts")
     if counts is not None:
@@ -176,9 +184,10 @@ def _reindex_locked(cfg: ReindexJobConfig, index: IndexRoot, plan: Plan, started
                                                       cfg.index.diff_partitions))
     commits = outcome.commits
     all_totals = {**totals(list(commits.values())), "wall_s": round(outcome.progress.elapsed, 3)}
-    if counts is None:  # the first version: every live document is new
-        counts = {**dict.fromkeys(CHANGE_KINDS, 0), "new": all_totals["rows"], "rejected": all_totals["rejected"],
-                  "files_rejected": len(all_totals["rejected_files"])}
+    if counts is None:  # the first version (every live document is new), or a full re-embed
+        counts = {**dict.fromkeys(CHANGE_KINDS, 0), "new": all_totals["rows"]} if base.name is None else \
+            {"reembedded": all_totals["rows"], "base_rows": sum(c["rows"] for c in base.commits.values())}
+        counts.update(rejected=all_totals["rejected"], files_rejected=len(all_totals["rejected_files"]))
         index.write_attempt_state(target, {**state, "counts": counts})
     close_output(vroot, commits, all_totals)
     this_run = [c for item, c in commits.items() if item not in before]

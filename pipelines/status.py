@@ -35,15 +35,30 @@ def _state(root: OutputRoot, job: dict[str, Any], lock: dict[str, Any] | None) -
     return f"running on {lock.get('owner')} (heartbeat {age:.0f}s ago)", age
 
 
+def _newest_version(storage: Storage) -> tuple[OutputRoot, dict[str, Any] | None]:
+    """For an index root: the newest version (the one a running reindex builds) and what the pointer names."""
+    from pipelines.index import IndexRoot
+
+    index = IndexRoot(storage)
+    versions = index.versions()
+    if not versions:
+        return OutputRoot(storage), None
+    current = (index.current() or {}).get("version")
+    return index.version_root(versions[-1]), {"version": versions[-1], "current_version": current}
+
+
 def job_status(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Items committed of planned, rows, rejects, last commit, throughput of the current run, ETA, state."""
     root = OutputRoot(Storage(output, storage_options))
+    lock_root, version = root, None
+    if not root.storage.exists("_job.json"):
+        root, version = _newest_version(root.storage)
     job = root.read_job()
     if job is None:
         raise OutputError(f"{output}: no _job.json; not an embedrank output (or nothing was run yet)")
     items = job["items"]
     commits = list(root.read_commits([i["item_id"] for i in items]).values())
-    lock = root.read_json(LOCK_FILE)
+    lock = lock_root.read_json(LOCK_FILE)
     state, heartbeat_age = _state(root, job, lock)
     sums = totals(commits)
     planned_rows = sum(i["row_end"] - i["row_start"] for i in items if i["row_end"] is not None)
@@ -65,6 +80,7 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
         "rows_per_s": round(rate, 3) if rate else None,
         "eta_s": round(remaining / rate) if rate and state.startswith("running") else None,
         "heartbeat_age_s": round(heartbeat_age, 1) if heartbeat_age is not None else None,
+        **(version or {}),
     }
     return status
 
@@ -74,7 +90,10 @@ def format_status(s: dict[str, Any]) -> str:
     reasons = ", ".join(f"{r}={n}" for r, n in s["reject_reasons"].items()) or "none"
     rate = f"{s['rows_per_s']:,.1f} rows/s this run" if s["rows_per_s"] else "no commits this run yet"
     lines = [
-        f"{s['output']}: {s['task']} job with {s['model']} · {s['state']}",
+        f"{s['output']}: {s['task']} job with {s['model']} · {s['state']}"
+        + (f" · building {s['version']} (current: {s['current_version'] or 'none'})"
+           if s.get("version") and s["version"] != s.get("current_version") else
+           f" · version {s['version']} (current)" if s.get("version") else ""),
         f"items {s['items_committed']}/{s['items_total']} ({pct:.0f}%) · rows {s['rows']:,} committed of "
         f"{s['planned_rows']:,} planned · {s['rejected']:,} rejected ({reasons})"
         + (f" · {s['rejected_files']} file(s) rejected whole" if s["rejected_files"] else ""),

@@ -1,7 +1,8 @@
 """Crashes at each commit step and a killed driver lose nothing and duplicate nothing.
 
-Each job runs as its own process (its own embedded Ray), as a user runs it; a
-crash is a failpoint (`pipelines/failpoints.py`) or a SIGKILL from outside.
+Each job runs as its own process, as a user runs it: with its own embedded Ray where
+a failpoint must reach Ray's workers, else joining the session's Ray as a driver joins
+a cluster. A crash is a failpoint (`pipelines/failpoints.py`) or a SIGKILL from outside.
 """
 
 import json
@@ -47,12 +48,23 @@ def job(tmp_path, tiny_embedding_model):
     return cfg, out, set(ids)
 
 
-def start(cfg, marker_dir=None, failpoints=None):
+def start(cfg, marker_dir=None, failpoints=None, ray_address=None):
+    """The job as a process. Driver-side failpoints need no Ray of its own: with `ray_address` the process
+    joins the session's Ray, as a driver joins a cluster; failpoints in Ray workers need a private Ray (its
+    workers inherit the process's environment)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBEDRANK_"))}
     if failpoints:
         env.update(EMBEDRANK_FAILPOINTS=failpoints, EMBEDRANK_FAILPOINT_DIR=str(marker_dir))
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json"],
+    extra = ["--set", f"run.ray_address={ray_address}"] if ray_address else []
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture
+def session_ray(ray_local):
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 def finish(proc):
@@ -86,23 +98,23 @@ def committed(out):
     return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
 
 
-def test_driver_crashes_around_a_commit_resume_exactly_once(job, tmp_path):
+def test_driver_crashes_around_a_commit_resume_exactly_once(job, tmp_path, session_ray):
     cfg, out, ids = job
     for point in ("before_commit_write", "after_commit_write"):
         before = committed(out)
-        code, _, _ = finish(start(cfg, tmp_path, point))
+        code, _, _ = finish(start(cfg, tmp_path, point, ray_address=session_ray))
         assert code == 137 and (tmp_path / point).exists()
         assert committed(out) == before + (point == "after_commit_write")
     before = committed(out)
-    code, summary, err = finish(start(cfg))
+    code, summary, err = finish(start(cfg, ray_address=session_ray))
     assert code == 0, err
     assert summary["items_skipped"] == before and summary["items_processed"] == summary["items_total"] - before
     assert_exactly_once(out, ids)
 
 
-def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(job, capsys):
+def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(job, capsys, session_ray):
     cfg, out, ids = job
-    proc = start(cfg)
+    proc = start(cfg, ray_address=session_ray)
     commits = out / "_commits"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -119,7 +131,7 @@ def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(j
     stopped = job_status(str(out))
     assert stopped["state"].startswith("stopped (its driver") and stopped["items_committed"] == done
     in_flight_rows = 20 * (12 - done)
-    code, summary, err = finish(start(cfg))
+    code, summary, err = finish(start(cfg, ray_address=session_ray))
     assert code == 0, err
     recomputed_rows = summary["rows"] + summary["rejected"]
     assert summary["items_processed"] == 12 - done

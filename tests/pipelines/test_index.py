@@ -88,3 +88,23 @@ def test_a_second_reindex_is_refused_by_the_index_lock(tmp_path, tiny_embedding_
         with pytest.raises(OutputError, match="being written by another job"):
             run_reindex(cfg, stream=io.StringIO())
     assert not (tmp_path / "idx" / "v000001").exists()
+
+
+def test_versions_and_gc_commands(tmp_path, capsys):
+    from pipelines.cli import main
+
+    storage = Storage(str(tmp_path / "idx"))
+    for name, text in {"v000001/_job.json": '{"items": []}', "v000001/_SUCCESS": '{"rows": 5}',
+                       "v000001/_reindex.json": '{"base": null, "counts": {"new": 5, "deleted": 0}}',
+                       "v000001/data/x.parquet": "x", "v000002/_reindex.json": '{"base": "v000001"}',
+                       CURRENT_FILE: '{"version": "v000001"}'}.items():
+        storage.write_bytes(name, text.encode())
+    assert main(["versions", str(tmp_path / "idx")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "v000001  current  rows=5  base=-  new=5 deleted=0"
+    assert out[1].startswith("v000002  unpublished") and "rows=?  base=v000001" in out[1]
+    assert main(["gc", str(tmp_path / "idx"), "--keep", "1"]) == 0
+    assert "collected 0 version(s), deleted 0 file(s)" in capsys.readouterr().out
+    assert storage.exists("v000001/data/x.parquet")  # the current version is always kept
+    assert main(["gc", str(tmp_path / "idx"), "--keep", "0"]) == 2
+    assert "gc --keep must be at least 1" in capsys.readouterr().err

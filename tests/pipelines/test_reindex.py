@@ -23,6 +23,7 @@ from pipelines.config import EmbedJobConfig, ReindexJobConfig
 from pipelines.embed_job import run_embed
 from pipelines.index import IndexRoot
 from pipelines.reindex_job import run_reindex
+from pipelines.status import format_status, job_status
 from pipelines.storage import Storage
 from pipelines.verify import read_committed, verify_output
 
@@ -132,11 +133,14 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
         seen = by_id(read_committed(index_url, opts))
         assert seen.column("id").equals(v2.column("id")) and np.array_equal(vectors(seen), vectors(v2))
         reads += 1
-        time.sleep(1.0)
+        time.sleep(2.0)
     err = proc.communicate()[1]
     assert proc.returncode == 137 and reads > 0, err[-3000:]
     assert index.current()["version"] == "v000002"
     assert len(index.version_root("v000003").commit_ids()) == 3
+    status = job_status(index_url, opts)
+    assert (status["version"], status["current_version"], status["items_committed"]) == ("v000003", "v000002", 3)
+    assert status["state"].startswith("stopped") and "building v000003 (current: v000002)" in format_status(status)
     assert by_id(read_committed(index_url, opts)).equals(v2)
 
     s3, log = reindex(job(paths[2], index_url, opts, model))
@@ -176,7 +180,8 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     # a new model setting re-embeds everything, said clearly; a second identical run publishes nothing
     s4, log = reindex(job(paths[2], index_url, opts, model, dimensions=32))
     assert s4["full_reembed"] and "FULL RE-EMBED" in log and "dimensions" in log
-    assert s4["embedded_rows"] == len(live(snaps[2])) == s4["counts"]["changed"]
+    assert s4["embedded_rows"] == len(live(snaps[2])) == s4["counts"]["reembedded"]
+    assert s4["counts"]["base_rows"] == len(live(snaps[2])) and "full re-embed 116" in log
     assert vectors(read_committed(index_url, opts)).shape == (len(live(snaps[2])), 32)
     s5, log = reindex(job(paths[2], index_url, opts, model, dimensions=32))
     assert s5["published"] is None and "nothing changed since v000004" in log
