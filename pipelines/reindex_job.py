@@ -18,7 +18,6 @@ import hashlib
 import posixpath
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 from pipelines.commit import OutputRoot, totals
@@ -167,10 +166,6 @@ def _reindex_locked(cfg: ReindexJobConfig, index: IndexRoot, plan: Plan, started
                     "embedded_rows": 0, "wall_s": round(time.monotonic() - started, 3)}
 
     vroot: OutputRoot = index.version_root(target)
-    present = set(vroot.commit_ids())
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda c: vroot.write_commit(_by_reference(c, base.name, target)),
-                      [c for item, c in kept.items() if item not in present]))
     before = set(vroot.commit_ids())
 
     from pipelines.graph import build_reindex_graph
@@ -179,6 +174,7 @@ def _reindex_locked(cfg: ReindexJobConfig, index: IndexRoot, plan: Plan, started
     outcome = process_items(
         plan=plan, source=cfg.input, root=vroot, fingerprint=fingerprint, recorded_config=recorded_config(cfg),
         run=cfg.run, label="reindex", stream=stream,
+        reused={item: _by_reference(c, base.name, target) for item, c in kept.items()},
         build_graph=lambda items: build_reindex_graph(embed_cfg, items, vroot.storage, fingerprint, fp_id,
                                                       base_files if same_model else [], index.storage,
                                                       cfg.index.diff_partitions))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TextIO
 
 from pipelines.commit import Committer, OutputRoot
@@ -42,11 +43,19 @@ def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerp
                   recorded_config: dict[str, Any], run: RunConfig,
                   build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,
                   before_new_work: Callable[[], None] | None = None,
-                  reject_id_columns: tuple[str, ...] = ("id",)) -> ItemsOutcome:
-    """Commit every item of `plan` (made from `source`) exactly once, resuming from what is already committed."""
+                  reject_id_columns: tuple[str, ...] = ("id",),
+                  reused: dict[str, dict[str, Any]] | None = None) -> ItemsOutcome:
+    """Commit every item of `plan` (made from `source`) exactly once, resuming from what is already committed.
+
+    `reused` maps item ids to commit records written as they are, without processing (a reindex's unchanged
+    items, naming an older version's files)."""
     stream = stream or sys.stderr
     fp_id = fingerprint_id(fingerprint)
     existing = root.prepare(fingerprint, fp_id, plan.items, recorded_config)
+    fresh = [record for item, record in (reused or {}).items() if item not in existing]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(root.write_commit, fresh))
+    existing.update({r["item"]: r for r in fresh})
     todo = [i for i in plan.items if i.item_id not in existing]
     print(f"resume: {len(existing)} item(s) already committed, {len(todo)} to process", file=stream, flush=True)
     if todo and before_new_work is not None:

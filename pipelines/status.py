@@ -44,7 +44,9 @@ def _newest_version(storage: Storage) -> tuple[OutputRoot, dict[str, Any] | None
     if not versions:
         return OutputRoot(storage), None
     current = (index.current() or {}).get("version")
-    return index.version_root(versions[-1]), {"version": versions[-1], "current_version": current}
+    started = [v for v in versions if index.storage.exists(f"{v}/_job.json")] or versions
+    # a version whose run died before recording its work items (during its diff) has nothing to report yet
+    return index.version_root(started[-1]), {"version": started[-1], "current_version": current}
 
 
 def job_status(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
