@@ -58,37 +58,35 @@ def _parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def _run_job(args: argparse.Namespace, schema: Any, run: Callable[..., dict[str, Any]]) -> int:
+    """Load and validate the job's config, run it, print its summary as JSON if asked."""
     from pipelines.config import load_config
-    from pipelines.embed_job import run_embed
 
-    cfg = load_config(args.config, args.set)
-    summary = run_embed(cfg, dry_run=args.dry_run)
+    summary = run(load_config(args.config, args.set, schema=schema), dry_run=args.dry_run)
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.config import EmbedJobConfig
+    from pipelines.embed_job import run_embed
+
+    return _run_job(args, EmbedJobConfig, run_embed)
 
 
 def cmd_rerank(args: argparse.Namespace) -> int:
-    from pipelines.config import RerankJobConfig, load_config
+    from pipelines.config import RerankJobConfig
     from pipelines.rerank_job import run_rerank
 
-    cfg = load_config(args.config, args.set, schema=RerankJobConfig)
-    summary = run_rerank(cfg, dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return _run_job(args, RerankJobConfig, run_rerank)
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    from pipelines.config import ReindexJobConfig, load_config
+    from pipelines.config import ReindexJobConfig
     from pipelines.reindex_job import run_reindex
 
-    cfg = load_config(args.config, args.set, schema=ReindexJobConfig)
-    summary = run_reindex(cfg, dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return _run_job(args, ReindexJobConfig, run_reindex)
 
 
 def _index(args: argparse.Namespace):
