@@ -58,12 +58,7 @@ class IndexRoot:
 
     def __init__(self, storage: Storage):
         self.storage = storage
-
-    def _json(self, rel: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.storage.read_bytes(rel))
-        except FileNotFoundError:
-            return None
+        self._json = OutputRoot(storage).read_json
 
     def current(self) -> dict[str, Any] | None:
         """The pointer record, or None before the first version is published."""

@@ -10,7 +10,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from pipelines.commit import SUCCESS_FILE, OutputRoot, totals
+from pipelines.commit import JOB_FILE, SUCCESS_FILE, OutputRoot, totals
 from pipelines.errors import OutputError
 from pipelines.lock import LOCK_FILE, owner_gone
 from pipelines.progress import format_duration
@@ -44,7 +44,7 @@ def _newest_version(storage: Storage) -> tuple[OutputRoot, dict[str, Any] | None
     if not versions:
         return OutputRoot(storage), None
     current = (index.current() or {}).get("version")
-    started = [v for v in versions if index.storage.exists(f"{v}/_job.json")] or versions
+    started = [v for v in versions if index.storage.exists(f"{v}/{JOB_FILE}")] or versions
     # a version whose run died before recording its work items (during its diff) has nothing to report yet
     return index.version_root(started[-1]), {"version": started[-1], "current_version": current}
 
@@ -53,7 +53,7 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     """Items committed of planned, rows, rejects, last commit, throughput of the current run, ETA, state."""
     root = OutputRoot(Storage(output, storage_options))
     lock_root, version = root, None
-    if not root.storage.exists("_job.json"):
+    if not root.storage.exists(JOB_FILE):
         root, version = _newest_version(root.storage)
     job = root.read_job()
     if job is None:

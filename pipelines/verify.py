@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.commit import SUCCESS_FILE, OutputRoot
+from pipelines.commit import JOB_FILE, SUCCESS_FILE, OutputRoot
 from pipelines.errors import OutputError
 from pipelines.storage import Storage
 from pipelines.writing import PIECE_DIRS
@@ -29,7 +29,7 @@ def current_version_url(output: str, storage_options: dict[str, Any] | None = No
     from pipelines.index import IndexRoot
 
     index = IndexRoot(Storage(output, storage_options))
-    pointer = None if index.storage.exists("_job.json") else index.current()
+    pointer = None if index.storage.exists(JOB_FILE) else index.current()
     return index.version_url(pointer["version"]) if pointer else output
 
 
