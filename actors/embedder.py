@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import (BatchStats, padded_tokens, plan_micro_batches, right_pad,
-                             row_padded_lengths)
-from actors.loading import load_model, load_tokenizer, pad_id, placement, resolve_model_path
+from actors.batching import BatchStats, pass_overhead_tokens, right_pad, row_padded_lengths
+from actors.budget import AdaptiveBudget
+from actors.loading import (flash_attention_available, load_model, load_tokenizer, pad_id, placement,
+                            resolve_model_path)
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
 from pipelines import failpoints  # dependency-free; inert unless a test names it
@@ -24,14 +25,23 @@ VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, p
 
 
 class Embedder:
-    """Runs the model on token id sequences, sorted and cut by a token budget, results in input order."""
+    """Runs the model on token id sequences, sorted and cut by a token budget, results in input order.
+
+    `packed` (default: where FlashAttention-2 is installed, on a GPU) concatenates a micro-batch's sequences
+    into one row with per-sequence positions, so no padding is computed at all: transformers then runs
+    variable-length attention (FlashAttention-2's varlen kernels; elsewhere, SDPA with a block-diagonal mask).
+    """
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
-                 dimensions: int | None = None, max_batch_tokens: int = 16384, num_threads: int | None = None):
+                 dimensions: int | None = None, max_batch_tokens: int = 16384, num_threads: int | None = None,
+                 batch_overhead_tokens: int | None = None, packed: bool | None = None):
         self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
-        self.model = load_model(path, revision, self.dtype, self.device)
+        flash = flash_attention_available(self.device)
+        self.packed = flash if packed is None else packed
+        self.model = load_model(path, revision, self.dtype, self.device,
+                                "flash_attention_2" if self.packed and flash else None)
         self.hidden_size = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > self.hidden_size:
             raise ModelLoadError(
@@ -39,8 +49,17 @@ class Embedder:
             )
         self.dimensions = dimensions
         self.dim = dimensions or self.hidden_size
-        self.max_batch_tokens = max_batch_tokens
+        self.budget = AdaptiveBudget(max_batch_tokens, pass_overhead_tokens(self.device.type, batch_overhead_tokens),
+                                     packed=self.packed)
         self.stats = BatchStats()
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.budget.max_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, tokens: int) -> None:
+        self.budget.max_tokens = tokens
 
     @torch.inference_mode()
     def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:
@@ -49,6 +68,17 @@ class Embedder:
         attention_mask = torch.from_numpy(mask).to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+
+    @torch.inference_mode()
+    def _forward_packed(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        ends = np.cumsum(lengths)
+        positions = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)  # 0.. per sequence
+        input_ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64)[None]).to(self.device)
+        position_ids = torch.from_numpy(positions[None]).to(self.device)
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
+        last = torch.from_numpy(ends - 1).to(self.device)
+        return normalize(hidden.index_select(0, last), self.dimensions)
 
     def embed_ids(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Vectors (float32, rows × dim) for sequences `values[offsets[i]:offsets[i+1]]`."""
@@ -63,15 +93,19 @@ class Embedder:
         if len(todo) == 0:
             return out, np.zeros(n, dtype=np.int64)
         started = time.perf_counter()
-        batches = [todo[b] for b in plan_micro_batches(lengths[todo], self.max_batch_tokens)]
-        for rows in batches:
-            seqs = [values[offsets[r] : offsets[r + 1]] for r in rows]
-            out[rows] = self._forward(seqs).cpu().numpy()
+
+        def compute(rows: np.ndarray) -> None:
+            rows = todo[rows]
+            forward = self._forward_packed if self.packed else self._forward
+            out[rows] = forward([values[offsets[r] : offsets[r + 1]] for r in rows]).cpu().numpy()
+
+        batches = [todo[b] for b in self.budget.run(lengths[todo], compute)]
+        computed = lengths.astype(np.int64) if self.packed else row_padded_lengths(n, lengths, batches)
         self.stats.rows += len(todo)
         self.stats.real_tokens += int(lengths[todo].sum())
-        self.stats.padded_tokens += padded_tokens(lengths, batches)
+        self.stats.padded_tokens += int(computed.sum())
         self.stats.forward_s += time.perf_counter() - started
-        return out, row_padded_lengths(n, lengths, batches)
+        return out, computed
 
 
 def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArray:
@@ -89,11 +123,12 @@ class EmbedReplica:
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  num_cpus: float = 1, dimensions: int | None = None, max_batch_tokens: int = 16384,
                  vector_dtype: str = "float32", storage_options: dict | None = None,
-                 model_digest: str | None = None):
+                 model_digest: str | None = None, batch_overhead_tokens: int | None = None):
         # a URL path is fetched once per node into the local model cache (storage_options: model.storage_options)
         path = resolve_model_path(path, storage_options, expected_digest=model_digest)
         self.embedder = Embedder(path, revision, dtype=dtype, num_gpus=num_gpus, dimensions=dimensions,
-                                 max_batch_tokens=max_batch_tokens, num_threads=max(1, int(num_cpus)))
+                                 max_batch_tokens=max_batch_tokens, num_threads=max(1, int(num_cpus)),
+                                 batch_overhead_tokens=batch_overhead_tokens)
         self.vector_dtype = vector_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:

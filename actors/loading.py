@@ -69,19 +69,28 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
 
 
 def _from_pretrained(auto_class, path: str, revision: str | None, dtype: torch.dtype,
-                     device: torch.device) -> torch.nn.Module:
+                     device: torch.device, attn_implementation: str | None = None) -> torch.nn.Module:
     try:
         model = auto_class.from_pretrained(
-            path, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            path, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.path {path!r}: cannot load model ({exc})") from None
     return model.to(device).eval()
 
 
-def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device,
+               attn_implementation: str | None = None) -> torch.nn.Module:
     """The base model (final hidden states), as the embedder needs."""
-    return _from_pretrained(AutoModel, path, revision, dtype, device)
+    return _from_pretrained(AutoModel, path, revision, dtype, device, attn_implementation)
+
+
+def flash_attention_available(device: torch.device) -> bool:
+    """Whether FlashAttention-2's variable-length kernels can run here (the `flash_attn` package on a GPU)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return device.type == "cuda" and is_flash_attn_2_available()
 
 
 def load_causal_lm(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

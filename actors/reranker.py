@@ -20,7 +20,8 @@ import pyarrow as pa
 import torch
 from transformers import DynamicCache
 
-from actors.batching import BatchStats, padded_tokens, plan_micro_batches, right_pad
+from actors.batching import BatchStats, padded_tokens, pass_overhead_tokens, right_pad
+from actors.budget import AdaptiveBudget
 from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from pipelines import failpoints  # dependency-free; inert unless a test names it
@@ -117,7 +118,8 @@ class Reranker:
     """
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
-                 max_batch_tokens: int = 16384, num_threads: int | None = None, share_prefix: bool = True):
+                 max_batch_tokens: int = 16384, num_threads: int | None = None, share_prefix: bool = True,
+                 batch_overhead_tokens: int | None = None):
         self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
@@ -132,8 +134,16 @@ class Reranker:
         self.share_prefix = share_prefix and not sliding
         params = inspect.signature(self.base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.max_batch_tokens = max_batch_tokens
+        self.budget = AdaptiveBudget(max_batch_tokens, pass_overhead_tokens(self.device.type, batch_overhead_tokens))
         self.stats = RerankStats()
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.budget.max_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, tokens: int) -> None:
+        self.budget.max_tokens = tokens
 
     def _p_yes(self, last_hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(last_hidden, self._answer_weight, self._answer_bias).float()
@@ -176,19 +186,21 @@ class Reranker:
 
     def _score_plain(self, seqs: list[np.ndarray], rows: np.ndarray, out: np.ndarray) -> int:
         lengths = np.fromiter((len(seqs[r]) for r in rows), dtype=np.int64, count=len(rows))
-        batches = plan_micro_batches(lengths, self.max_batch_tokens)
-        for b in batches:
+
+        def compute(b: np.ndarray) -> None:
             out[rows[b]] = self._forward_plain([seqs[r] for r in rows[b]])
-        return padded_tokens(lengths, batches)
+
+        return padded_tokens(lengths, self.budget.run(lengths, compute))
 
     def _score_shared(self, seqs: list[np.ndarray], rows: np.ndarray, prefix_len: int, out: np.ndarray) -> int:
         """The budget counts prefix + padded remainder per row: the span each row attends over."""
         prefix_kv = self._prefill(seqs[rows[0]][:prefix_len])
         rest_lengths = np.fromiter((len(seqs[r]) - prefix_len for r in rows), dtype=np.int64, count=len(rows))
-        batches = plan_micro_batches(rest_lengths + prefix_len, self.max_batch_tokens)
-        for b in batches:
+
+        def compute(b: np.ndarray) -> None:
             out[rows[b]] = self._forward_after_prefix(prefix_kv, prefix_len, [seqs[r][prefix_len:] for r in rows[b]])
-        return prefix_len + padded_tokens(rest_lengths, batches)
+
+        return prefix_len + padded_tokens(rest_lengths, self.budget.run(rest_lengths + prefix_len, compute))
 
     def score_ids(self, seqs: list[Sequence[int]] | tuple[np.ndarray, np.ndarray],
                   group: np.ndarray | None = None) -> np.ndarray:
@@ -240,11 +252,12 @@ class RerankReplica:
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  num_cpus: float = 1, instruction: str | None = None, max_length: int = 8192,
                  max_batch_tokens: int = 16384, share_prefix: bool = True, storage_options: dict | None = None,
-                 model_digest: str | None = None):
+                 model_digest: str | None = None, batch_overhead_tokens: int | None = None):
         path = resolve_model_path(path, storage_options, expected_digest=model_digest)  # URL: local cached copy
         self.tokenizer = PairTokenizer(path, revision, max_length, instruction)
         self.reranker = Reranker(path, revision, dtype=dtype, num_gpus=num_gpus, max_batch_tokens=max_batch_tokens,
-                                 num_threads=max(1, int(num_cpus)), share_prefix=share_prefix)
+                                 num_threads=max(1, int(num_cpus)), share_prefix=share_prefix,
+                                 batch_overhead_tokens=batch_overhead_tokens)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         failpoints.hit("replica_batch")

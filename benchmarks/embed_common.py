@@ -189,14 +189,16 @@ class Ours(Method):
     name = "ours"
 
     def __init__(self, path: str, max_length: int, *, device: str, dtype: str, max_batch_tokens: int,
-                 batch_rows: int = 256, num_threads: int | None = None, name: str = "ours"):
+                 batch_rows: int = 256, num_threads: int | None = None, name: str = "ours",
+                 batch_overhead_tokens: int | None = None, packed: bool | None = None):
         from actors.embedder import Embedder
         from actors.tokenize import TextTokenizer
 
         self.path, self.name, self.batch_rows = path, name, batch_rows
         self.tokenizer = TextTokenizer(path, None, max_length, None)
         self.embedder = Embedder(path, None, dtype=dtype, num_gpus=1 if device == "cuda" else 0,
-                                 max_batch_tokens=max_batch_tokens, num_threads=num_threads)
+                                 max_batch_tokens=max_batch_tokens, num_threads=num_threads,
+                                 batch_overhead_tokens=batch_overhead_tokens, packed=packed)
         self.counter = TokenCounter(self.embedder.model)
         self.model_s = 0.0  # seconds in embed_ids (the replica's GPU stage, tokenisation excluded)
 

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-rows", type=int, default=256, help="rows per replica call (the project default)")
     p.add_argument("--extra-ours", default="1024:65536",
                    help="ROWS:TOKENS of a second 'ours' setting (configs/backfill.yaml's); '' for none")
+    p.add_argument("--extra-overhead", type=int, nargs="*", default=[],
+                   help="also run 'ours' with each of these model.batch_overhead_tokens (the GPU default is 8192)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=150,
                    help="seconds from start after which no new timing round starts (each method keeps ≥1 round)")
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
             rows, tokens = (int(x) for x in args.extra_ours.split(":"))
             methods.append(ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype,
                                    max_batch_tokens=tokens, batch_rows=rows, name=f"ours {rows}:{tokens}"))
+        for overhead in args.extra_overhead:
+            methods.append(ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype,
+                                   max_batch_tokens=args.max_batch_tokens, batch_rows=args.batch_rows,
+                                   batch_overhead_tokens=overhead, name=f"ours o{overhead}"))
         methods.append(ec.Card(tmp, args.doc_tokens, device=args.device, dtype=DTYPES[args.dtype],
                                batch=args.batch))
         if not args.no_st:
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"loaded {len(methods)} methods in {time.monotonic() - t0:.1f}s; non-embedding params "
               f"{n_params / 1e6:.1f}M, {cfg.num_hidden_layers} layers, attention width {attn_width}; "
               f"FLOPs/token at 512 = {(2 * n_params + 4 * cfg.num_hidden_layers * attn_width * 512) / 1e9:.3f} G; "
-              f"ours: {args.batch_rows} rows per call, token budget {args.max_batch_tokens}"
+              f"ours: {args.batch_rows} rows per call, token budget {args.max_batch_tokens}, pass overhead "
+              f"{ours.embedder.budget.overhead_tokens} tokens, {'packed (FlashAttention-2 varlen)' if ours.embedder.packed else 'padded (SDPA)'}"
               f"{f' (and {args.extra_ours})' if args.extra_ours else ''}; peers: batch {args.batch}")
         maker = ec.TextMaker(load_tokenizer(tmp), args.seed)
         deadline_total = started + args.time_budget

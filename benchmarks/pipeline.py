@@ -167,7 +167,8 @@ def _psutil():
 
 class PeakRSS:
     """Samples, every `interval` s on a thread, the RSS summed over this process and every process under its
-    raylet (Ray's workers, actors and agents); `peak` is the largest sum seen, `base` the sum at start."""
+    raylet (Ray's workers, actors and agents); `peak` is the largest sum seen, `base` the sum at start, and
+    `roles` each process role's RSS (summed over its processes) at the moment of the peak."""
 
     def __init__(self, interval: float = 0.2):
         psutil = _psutil()
@@ -178,6 +179,8 @@ class PeakRSS:
             raise RuntimeError("no raylet under this process: start a local Ray from this driver first")
         self.raylet = raylets[0]
         self.peak = self.base = 0
+        self.roles: dict[str, int] = {}
+        self.base_roles: dict[str, int] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -188,34 +191,64 @@ class PeakRSS:
         except self.psutil.Error:
             return ""
 
-    def total(self) -> int:
+    def _role(self, p) -> str:
+        if p.pid == self.me.pid:
+            return "driver"
+        try:
+            title = " ".join(p.cmdline()) or p.name()
+        except self.psutil.Error:
+            return "?"
+        if title.startswith("ray::"):
+            return title.split()[0].split("(")[0] + ("(EmbedReplica)" if "EmbedReplica" in title else "")
+        return p.name()
+
+    def by_role(self) -> dict[str, int]:
         try:
             procs = [self.me] + self.raylet.children(recursive=True)
         except self.psutil.Error:
             procs = [self.me]
-        total = 0
+        roles: dict[str, int] = {}
         for p in procs:
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
             except self.psutil.Error:
-                pass
-        return total
+                continue
+            role = self._role(p)
+            roles[role] = roles.get(role, 0) + rss
+        return roles
+
+    def total(self) -> int:
+        return sum(self.by_role().values())
+
+    def _sample(self) -> None:
+        roles = self.by_role()
+        total = sum(roles.values())
+        if total > self.peak:
+            self.peak, self.roles = total, roles
+        self.samples += 1
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
-            self.samples += 1
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRSS":
-        self.base = self.peak = self.total()
+        self.base_roles = self.by_role()
+        self.base = self.peak = sum(self.base_roles.values())
+        self.roles = dict(self.base_roles)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.total())
+        self._sample()
+
+    def growth(self, top: int = 4) -> str:
+        """The roles that grew most from start to peak, in MiB."""
+        keys = set(self.roles) | set(self.base_roles)
+        grew = sorted(((self.roles.get(k, 0) - self.base_roles.get(k, 0)) / 2**20, k) for k in keys)[::-1]
+        return ", ".join(f"{k} {d:+,.0f}" for d, k in grew[:top])
 
 
 # ---------------------------------------------------------------- the comparisons
@@ -302,7 +335,7 @@ def memory_row(args, tmp: str, model: str) -> tuple:
             peaks[name].append(mem.peak)
             bases[name].append(mem.base)
             print(f"  round {r + 1}: {name} {elapsed:.1f}s, RSS sum {mem.base / 2**20:,.0f} MiB at start, peak "
-                  f"{mem.peak / 2**20:,.0f} MiB ({mem.samples} samples)", flush=True)
+                  f"{mem.peak / 2**20:,.0f} MiB ({mem.samples} samples); grew: {mem.growth()}", flush=True)
     ratios = [b / s for s, b in zip(peaks["1x"], peaks["10x"])]
     grow = {k: statistics.median(p - b for p, b in zip(peaks[k], bases[k])) / 2**20 for k in peaks}
     mib = {k: statistics.median(v) / 2**20 for k, v in peaks.items()}

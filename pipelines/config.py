@@ -115,6 +115,13 @@ class ModelConfig(_Strict):
         gt=0,
         description="Token budget of one forward pass, padding counted (rows × longest row).",
     )
+    batch_overhead_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are "
+        "cut where padding a short row would cost more than a pass of its own. Null = the device's default "
+        "(48 on CPU, 8192 on GPU).",
+    )
 
 
 class OutputConfig(_Strict):
@@ -288,6 +295,13 @@ class RerankModelConfig(_Strict):
     )
     max_batch_tokens: int = Field(
         16384, gt=0, description="Token budget of one forward pass, padding counted (rows × longest row)."
+    )
+    batch_overhead_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are "
+        "cut where padding a short row would cost more than a pass of its own. Null = the device's default "
+        "(48 on CPU, 8192 on GPU).",
     )
     share_prefix: bool = Field(
         True, description="Compute each query's shared prompt prefix once and reuse its KV cache."

@@ -18,3 +18,7 @@ class OutputError(EmbedrankError):
 
 class ModelLoadError(EmbedrankError):
     """The model cannot be loaded or does not fit the config."""
+
+
+class DeviceMemoryError(EmbedrankError):
+    """One sequence alone does not fit in the device's memory (lower `model.max_length`)."""

@@ -87,6 +87,7 @@ def _embed_and_write(ds, cfg: EmbedJobConfig, storage: Storage, fingerprint: dic
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
                                "num_cpus": c.num_cpus, "dimensions": m.dimensions,
                                "max_batch_tokens": m.max_batch_tokens, "vector_dtype": cfg.output.vector_dtype,
+                               "batch_overhead_tokens": m.batch_overhead_tokens,
                                **_model_source(cfg, fingerprint)},
         **_model_pool(c),
     )
@@ -149,6 +150,7 @@ def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: li
         fn_constructor_kwargs={"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
                                "num_cpus": c.num_cpus, "instruction": m.instruction, "max_length": m.max_length,
                                "max_batch_tokens": m.max_batch_tokens, "share_prefix": m.share_prefix,
+                               "batch_overhead_tokens": m.batch_overhead_tokens,
                                **_model_source(cfg, fingerprint)},
         **_model_pool(c),
     )

@@ -50,15 +50,15 @@ def card_embed(model_dir, texts, max_length, dims=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _embedder(model_dir, dims):
-    return Embedder(model_dir, dtype="float32", dimensions=dims)
+def _embedder(model_dir, dims, packed=False):
+    return Embedder(model_dir, dtype="float32", dimensions=dims, packed=packed)
 
 
-def ours(model_dir, texts, max_length, instruction=None, dims=None, budget=16384):
+def ours(model_dir, texts, max_length, instruction=None, dims=None, budget=16384, packed=False):
     tok = TextTokenizer(str(model_dir), None, max_length, instruction)
     ids, truncated = tok.encode(texts)
     arr = ids_to_arrow(ids)
-    emb = _embedder(str(model_dir), dims)
+    emb = _embedder(str(model_dir), dims, packed)
     emb.max_batch_tokens = budget
     return emb.embed_ids(arr.values.to_numpy(), arr.offsets.to_numpy()), ids, truncated
 
@@ -90,6 +90,18 @@ def test_texts_longer_than_max_length_match_the_card_and_keep_the_end_token(tiny
     assert truncated.tolist() == [True, False, True]
     assert [len(x) for x in ids][0] == 64 and ids[0][-1] == 151643
     assert ids[1][-1] == 151643
+
+
+def test_packed_sequences_match_the_card_with_no_padding_computed(tiny_embedding_model):
+    """The padding-free path (FlashAttention-2 varlen on a GPU) runs here through SDPA's block-diagonal mask."""
+    texts = DOCUMENTS + [LONG, LONG[::-1], "y"]
+    got, ids, _ = ours(tiny_embedding_model, texts, 256, budget=300, packed=True)
+    want = card_embed(tiny_embedding_model, texts, 256)
+    assert np.abs(got - want).max() <= 1e-5
+    stats = _embedder(str(tiny_embedding_model), None, True).stats
+    assert stats.padded_tokens == stats.real_tokens  # packed: every computed token is a real one
+    one_batch, _, _ = ours(tiny_embedding_model, texts, 256, budget=10**6, packed=True)
+    assert np.abs(one_batch - want).max() <= 1e-5
 
 
 def test_a_text_alone_equals_it_in_a_batch(tiny_embedding_model):
