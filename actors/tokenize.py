@@ -3,27 +3,50 @@
 Truncation is the tokenizer's own: Qwen3-Embedding's post-processor appends
 `<|endoftext|>` and `max_length` is counted with it, so the end token that
 pooling reads survives truncation exactly as in the model card's recipe.
+
+The tasks never import torch or transformers (about 400 MiB per worker process):
+the driver loads the tokenizer once with transformers (`tokenizer_spec`) and the
+tasks rebuild that exact Rust tokenizer from its JSON with `tokenizers` alone.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
 
-from actors.loading import load_tokenizer, resolve_model_path
 from actors.prompts import format_texts
+
+
+def tokenizer_spec(path: str, revision: str | None = None) -> str:
+    """The model's fast tokenizer as transformers configures it, serialised (JSON) for `TextTokenizer.from_spec`."""
+    from actors.loading import load_tokenizer  # transformers: on the driver only
+
+    return load_tokenizer(path, revision).backend_tokenizer.to_str()
+
+
+def spec_digest(spec: str) -> str:
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 class TextTokenizer:
     """Texts → token ids (with the model's special tokens), lengths and truncation flags."""
 
     def __init__(self, path: str, revision: str | None, max_length: int, instruction: str | None):
+        self._setup(tokenizer_spec(path, revision), max_length, instruction)
+
+    @classmethod
+    def from_spec(cls, spec: str, max_length: int, instruction: str | None) -> "TextTokenizer":
+        self = cls.__new__(cls)
+        self._setup(spec, max_length, instruction)
+        return self
+
+    def _setup(self, spec: str, max_length: int, instruction: str | None) -> None:
         self.instruction = instruction
         self.max_length = max_length
-        tok = load_tokenizer(path, revision)
-        self._backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+        self._backend = Tokenizer.from_str(spec)
         self._backend.no_padding()
         self._backend.enable_truncation(max_length=max_length)
 
@@ -57,9 +80,8 @@ class TokenizeBatch:
     Rejected rows (non-null `_reject`) get no tokens.
     """
 
-    def __init__(self, path: str, revision: str | None, max_length: int, instruction: str | None,
-                 text_column: str = "text"):
-        self.tokenizer = TextTokenizer(path, revision, max_length, instruction)
+    def __init__(self, tokenizer: TextTokenizer, text_column: str = "text"):
+        self.tokenizer = tokenizer
         self.text_column = text_column
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -83,17 +105,17 @@ class TokenizeBatch:
         )
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_tokenize_batch(path: str, revision: str | None, max_length: int,
-                           instruction: str | None) -> TokenizeBatch:
-    return TokenizeBatch(path, revision, max_length, instruction)
+_STAGES: dict[tuple[str, int, str | None], TokenizeBatch] = {}
 
 
-def tokenize_batch(table: pa.Table, *, path: str, revision: str | None, max_length: int,
-                   instruction: str | None, storage_options: dict | None = None,
-                   model_digest: str | None = None) -> pa.Table:
-    """Task-friendly form of `TokenizeBatch`: the tokenizer is built once per worker process.
+def tokenize_batch(table: pa.Table, *, spec: str, digest: str, max_length: int,
+                   instruction: str | None) -> pa.Table:
+    """Task-friendly form of `TokenizeBatch`: the tokenizer is built once per worker process and setting.
 
-    A URL `path` resolves to a node-local copy of the model's config and tokenizer files (no weights)."""
-    path = resolve_model_path(path, storage_options, weights=False, expected_digest=model_digest)
-    return _cached_tokenize_batch(path, revision, max_length, instruction)(table)
+    `spec` and `digest` come from `tokenizer_spec` and `spec_digest`, run once on the driver."""
+    key = (digest, max_length, instruction)
+    if key not in _STAGES:
+        if len(_STAGES) >= 4:
+            _STAGES.clear()
+        _STAGES[key] = TokenizeBatch(TextTokenizer.from_spec(spec, max_length, instruction))
+    return _STAGES[key](table)

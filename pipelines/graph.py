@@ -15,8 +15,9 @@ import json
 from typing import Any
 
 from actors.embedder import EmbedReplica
+from actors.loading import resolve_model_path
 from actors.reranker import RerankReplica
-from actors.tokenize import tokenize_batch
+from actors.tokenize import spec_digest, tokenizer_spec
 from pipelines.config import ComputeConfig, EmbedJobConfig, InputConfig, RerankJobConfig
 from pipelines.joining import order_joined_item, read_documents
 from pipelines.model_cache import is_model_url
@@ -26,6 +27,7 @@ from pipelines.reading import read_items
 from pipelines.reindexing import (carry_or_tokenize, count_changes, read_base_keys, read_base_vectors,
                                   read_hash_and_tokenize, read_snapshot_keys, read_with_hash)
 from pipelines.storage import Storage
+from pipelines.tokenizing import read_and_tokenize
 from pipelines.writing import SCORES_DIR, write_pieces
 
 EMBED_OUTPUT_BASE = ["id", "embedding", "n_tokens", "truncated"]
@@ -60,15 +62,16 @@ def _model_source(cfg: EmbedJobConfig | RerankJobConfig, fingerprint: dict[str, 
     return {"storage_options": cfg.model_storage_options, "model_digest": fingerprint.get("model_digest")}
 
 
-def read_and_tokenize(batch, cfg, tokenizer: dict[str, Any]):
-    """One planned item in, its rows out with token ids (rejected rows carry none)."""
-    return tokenize_batch(read_items(batch, cfg), **tokenizer)
-
-
 def _tokenizer(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The tokenize stage's arguments: the tokenizer, loaded here once with transformers and serialised, so
+    that CPU tasks rebuild it without torch. A URL model's tokenizer files come through the node's cache."""
     m = cfg.model
-    return {"path": m.path, "revision": m.revision, "max_length": m.max_length, "instruction": m.instruction,
-            **_model_source(cfg, fingerprint)}
+    path, source = m.path, _model_source(cfg, fingerprint)
+    if source:
+        path = resolve_model_path(m.path, source["storage_options"], weights=False,
+                                  expected_digest=source["model_digest"])
+    spec = tokenizer_spec(path, m.revision)
+    return {"spec": spec, "digest": spec_digest(spec), "max_length": m.max_length, "instruction": m.instruction}
 
 
 def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage,

@@ -61,3 +61,29 @@ def test_room_boundaries(package):
     for path in (REPO / package).rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not line.strip().startswith(forbidden[package]), f"{path}: {line.strip()}"
+
+
+TORCH_FREE_STAGE_MODULES = ["pipelines.tokenizing", "pipelines.reading", "pipelines.writing",
+                            "pipelines.reindexing", "pipelines.joining", "pipelines.ranking"]
+
+
+def test_cpu_task_stages_never_load_torch_or_transformers():
+    """Ray imports a task function's module in each worker that runs it: these hold every CPU stage
+    (read, tokenize, reindex diff and carry, join, rank, write), so those workers stay ~400 MiB lighter."""
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfor m in {TORCH_FREE_STAGE_MODULES!r}: __import__(m)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_task_functions_of_the_graph_live_in_torch_free_modules():
+    import pipelines.graph as graph
+
+    stages = {"read_and_tokenize", "write_pieces", "carry_or_tokenize", "read_hash_and_tokenize", "count_changes",
+              "read_with_hash", "read_snapshot_keys", "read_base_keys", "read_base_vectors", "read_items",
+              "read_documents", "order_joined_item", "read_score_files", "rank_bucket"}
+    for name in stages:
+        assert getattr(graph, name).__module__ in TORCH_FREE_STAGE_MODULES, name

@@ -124,7 +124,7 @@ def test_order_is_restored_after_length_sorting(tiny_embedding_model):
 def test_replica_stages_turn_rows_into_vectors_and_skip_rejects(tiny_embedding_model):
     table = pa.table({"id": ["a", "b", "c"], "text": [DOCUMENTS[0], None, DOCUMENTS[1]],
                       "_reject": [None, "null_text", None]})
-    tokenized = TokenizeBatch(str(tiny_embedding_model), None, 8192, None)(table)
+    tokenized = TokenizeBatch(TextTokenizer(str(tiny_embedding_model), None, 8192, None))(table)
     assert tokenized.column("n_tokens").to_pylist()[1] == 0
     out = EmbedReplica(str(tiny_embedding_model), dtype="float32", vector_dtype="float16")(tokenized)
     assert out.column("embedding").type == pa.list_(pa.float16(), 64)
