@@ -103,10 +103,8 @@ def row_padded_lengths(n: int, lengths: np.ndarray, batches: list[np.ndarray]) -
 
 def right_pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) of shape rows × longest, real tokens first: positions start at 0 in every row."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    return ids, mask
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.concatenate(seqs)  # row-major order of the mask's True cells is each row's tokens in turn
+    return ids, mask.astype(np.int64)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actors.batching import padded_tokens, plan_micro_batches, plan_packed
+from actors.batching import padded_tokens, plan_micro_batches, plan_packed, right_pad
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -93,3 +93,11 @@ def test_packed_batches_keep_input_order_and_fit_the_budget_in_real_tokens(seed)
         assert lengths[b].sum() <= budget or len(b) == 1
     for b, after in zip(batches, batches[1:]):  # each cut is forced: the next row would not have fitted
         assert lengths[b].sum() + lengths[after[0]] > budget
+
+
+def test_right_padding_keeps_each_rows_tokens_first_and_masks_the_rest():
+    ids, mask = right_pad([np.array([7, 8, 9]), np.array([5], dtype=np.int32), np.array([], dtype=np.int64),
+                           np.array([1, 2])], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [5, 0, 0], [0, 0, 0], [1, 2, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]]
+    assert ids.dtype == mask.dtype == np.int64
