@@ -27,7 +27,7 @@ VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, p
 class Embedder:
     """Runs the model on token id sequences, sorted and cut by a token budget, results in input order.
 
-    `packed` (default: where FlashAttention-2 is installed, on a GPU) concatenates a micro-batch's sequences
+    `packed` (default: where FlashAttention-2 is installed, on a GPU, in bf16/fp16) concatenates a micro-batch's sequences
     into one row with per-sequence positions, so no padding is computed at all: transformers then runs
     variable-length attention (FlashAttention-2's varlen kernels; elsewhere, SDPA with a block-diagonal mask).
     """
@@ -38,7 +38,7 @@ class Embedder:
         self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
-        flash = flash_attention_available(self.device)
+        flash = flash_attention_available(self.device) and self.dtype in (torch.bfloat16, torch.float16)
         self.packed = flash if packed is None else packed
         self.model = load_model(path, revision, self.dtype, self.device,
                                 "flash_attention_2" if self.packed and flash else None)
