@@ -77,3 +77,17 @@ class AdaptiveBudget:
         self.halvings += 1
         print(f"embedrank: CUDA out of memory on a micro-batch of {len(rows)} rows ({tried} tokens computed); "
               f"token budget halved to {self.max_tokens}", file=sys.stderr, flush=True)
+
+
+class BudgetedModel:
+    """Mixin of the model classes: `max_batch_tokens` reads and sets their `budget`'s current token budget."""
+
+    budget: AdaptiveBudget
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.budget.max_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, tokens: int) -> None:
+        self.budget.max_tokens = tokens

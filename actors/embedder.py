@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from actors.batching import BatchStats, pass_overhead_tokens, right_pad, row_padded_lengths
-from actors.budget import AdaptiveBudget
+from actors.budget import AdaptiveBudget, BudgetedModel
 from actors.loading import (flash_attention_available, load_model, load_tokenizer, pad_id, placement,
                             resolve_model_path)
 from actors.pooling import last_token_pool, normalize
@@ -24,7 +24,7 @@ from pipelines.errors import ModelLoadError
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
-class Embedder:
+class Embedder(BudgetedModel):
     """Runs the model on token id sequences, sorted and cut by a token budget, results in input order.
 
     `packed` (default: where FlashAttention-2 is installed, on a GPU, in bf16/fp16) concatenates a micro-batch's sequences
@@ -52,14 +52,6 @@ class Embedder:
         self.budget = AdaptiveBudget(max_batch_tokens, pass_overhead_tokens(self.device.type, batch_overhead_tokens),
                                      packed=self.packed)
         self.stats = BatchStats()
-
-    @property
-    def max_batch_tokens(self) -> int:
-        return self.budget.max_tokens
-
-    @max_batch_tokens.setter
-    def max_batch_tokens(self, tokens: int) -> None:
-        self.budget.max_tokens = tokens
 
     @torch.inference_mode()
     def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:
@@ -94,9 +86,10 @@ class Embedder:
             return out, np.zeros(n, dtype=np.int64)
         started = time.perf_counter()
 
+        forward = self._forward_packed if self.packed else self._forward
+
         def compute(rows: np.ndarray) -> None:
             rows = todo[rows]
-            forward = self._forward_packed if self.packed else self._forward
             out[rows] = forward([values[offsets[r] : offsets[r + 1]] for r in rows]).cpu().numpy()
 
         batches = [todo[b] for b in self.budget.run(lengths[todo], compute)]

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from actors.batching import BatchStats, padded_tokens, pass_overhead_tokens, right_pad
-from actors.budget import AdaptiveBudget
+from actors.budget import AdaptiveBudget, BudgetedModel
 from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from pipelines import failpoints  # dependency-free; inert unless a test names it
@@ -109,7 +109,7 @@ class RerankStats(BatchStats):
     prefix_tokens_saved: int = 0
 
 
-class Reranker:
+class Reranker(BudgetedModel):
     """P(yes) per token sequence, sorted and cut by a token budget, results in input order.
 
     `score_ids(seqs, group)`: rows with the same `group` key (e.g. a query index)
@@ -136,14 +136,6 @@ class Reranker:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.budget = AdaptiveBudget(max_batch_tokens, pass_overhead_tokens(self.device.type, batch_overhead_tokens))
         self.stats = RerankStats()
-
-    @property
-    def max_batch_tokens(self) -> int:
-        return self.budget.max_tokens
-
-    @max_batch_tokens.setter
-    def max_batch_tokens(self, tokens: int) -> None:
-        self.budget.max_tokens = tokens
 
     def _p_yes(self, last_hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(last_hidden, self._answer_weight, self._answer_bias).float()

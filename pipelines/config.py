@@ -93,6 +93,12 @@ MODEL_STORAGE_OPTIONS_DESCRIPTION = (
     "fsspec options for a model.path in object storage (s3://…); null = the input's. Never recorded.")
 
 
+BATCH_OVERHEAD_TOKENS_DESCRIPTION = (
+    "What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are cut where padding "
+    "a short row would cost more than a pass of its own. Null = the device's default (48 on CPU, 8192 on GPU)."
+)
+
+
 class ModelConfig(_Strict):
     path: str = Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
                       "of a Qwen3-Embedding model; a URL is fetched once per node into a local cache.")
@@ -118,9 +124,7 @@ class ModelConfig(_Strict):
     batch_overhead_tokens: int | None = Field(
         None,
         ge=0,
-        description="What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are "
-        "cut where padding a short row would cost more than a pass of its own. Null = the device's default "
-        "(48 on CPU, 8192 on GPU).",
+        description=BATCH_OVERHEAD_TOKENS_DESCRIPTION,
     )
 
 
@@ -299,9 +303,7 @@ class RerankModelConfig(_Strict):
     batch_overhead_tokens: int | None = Field(
         None,
         ge=0,
-        description="What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are "
-        "cut where padding a short row would cost more than a pass of its own. Null = the device's default "
-        "(48 on CPU, 8192 on GPU).",
+        description=BATCH_OVERHEAD_TOKENS_DESCRIPTION,
     )
     share_prefix: bool = Field(
         True, description="Compute each query's shared prompt prefix once and reuse its KV cache."
