@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actors.batching import plan_micro_batches, plan_packed
-from pipelines.errors import DeviceMemoryError
+from common.errors import DeviceMemoryError
 
 
 class AdaptiveBudget:

@@ -18,8 +18,8 @@ from actors.loading import (flash_attention_available, load_model, load_tokenize
                             resolve_model_path)
 from actors.pooling import last_token_pool, normalize
 from actors.tokenize import arrow_to_ids
-from pipelines import failpoints  # dependency-free; inert unless a test names it
-from pipelines.errors import ModelLoadError
+from common import failpoints  # dependency-free; inert unless a test names it
+from common.errors import ModelLoadError
 
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 

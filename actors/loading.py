@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipelines.errors import ModelLoadError
-from pipelines.model_cache import is_model_url, local_model_dir
+from common.errors import ModelLoadError
+from common.model_cache import is_model_url, local_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +41,7 @@ def resolve_model_path(path: str, storage_options: dict[str, Any] | None = None,
                        expected_digest: str | None = None) -> str:
     """The directory to load: `path` itself (hub id, local dir), or for a URL its verified local copy.
 
-    A URL is fetched once per node (`pipelines.model_cache`) and resolved once per process; `weights=False`
+    A URL is fetched once per node (`common.model_cache`) and resolved once per process; `weights=False`
     fetches config and tokenizer files only (the tokenize stage)."""
     if not is_model_url(path):
         return path

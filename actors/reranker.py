@@ -24,8 +24,8 @@ from actors.batching import BatchStats, padded_tokens, pass_overhead_tokens, rig
 from actors.budget import AdaptiveBudget, BudgetedModel
 from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
-from pipelines import failpoints  # dependency-free; inert unless a test names it
-from pipelines.errors import ModelLoadError
+from common import failpoints  # dependency-free; inert unless a test names it
+from common.errors import ModelLoadError
 
 MIN_SHARED_PREFIX = 16
 """A group whose candidates share fewer tokens than this is scored on the plain path."""

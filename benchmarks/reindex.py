@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     from actors.loading import load_tokenizer
     from actors.random_qwen import build_random_qwen3
     from pipelines.config import EmbedJobConfig, ReindexJobConfig
-    from pipelines.embed_job import run_embed
+    from pipelines.embed.job import run_embed
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.reindex_job import run_reindex
+    from pipelines.reindex.job import run_reindex
 
     tmp = tempfile.mkdtemp(prefix="embedrank-reindex-bench-")
     model = str(build_random_qwen3(f"{tmp}/model", kind="embedding", hidden_size=1024, num_layers=2, num_heads=16,

@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import re
 
-from pipelines import errors
-from pipelines.errors import EmbedrankError
+from common import errors
+from common.errors import EmbedrankError
 
-_REMOTE_ERROR = re.compile(r"^pipelines\.errors\.(\w+): (.+)$", re.MULTILINE)
+_REMOTE_ERROR = re.compile(r"^(?:common|pipelines)\.(?:\w+\.)*errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 def _from_remote_text(exc: BaseException) -> EmbedrankError | None:
@@ -70,27 +70,27 @@ def _run_job(args: argparse.Namespace, schema: Any, run: Callable[..., dict[str,
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipelines.config import EmbedJobConfig
-    from pipelines.embed_job import run_embed
+    from pipelines.embed.job import run_embed
 
     return _run_job(args, EmbedJobConfig, run_embed)
 
 
 def cmd_rerank(args: argparse.Namespace) -> int:
     from pipelines.config import RerankJobConfig
-    from pipelines.rerank_job import run_rerank
+    from pipelines.rerank.job import run_rerank
 
     return _run_job(args, RerankJobConfig, run_rerank)
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     from pipelines.config import ReindexJobConfig
-    from pipelines.reindex_job import run_reindex
+    from pipelines.reindex.job import run_reindex
 
     return _run_job(args, ReindexJobConfig, run_reindex)
 
 
 def _index(args: argparse.Namespace):
-    from pipelines.index import IndexRoot
+    from pipelines.reindex.index import IndexRoot
     from pipelines.storage import Storage
 
     return IndexRoot(Storage(args.root, _parse_storage_options(args.storage_option)))
@@ -112,7 +112,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from pipelines.lock import OutputLock
+    from pipelines.output.lock import OutputLock
 
     index = _index(args)
     with OutputLock(index.storage, args.lock_stale_s):
@@ -123,7 +123,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipelines.verify import verify_output
+    from pipelines.output.verify import verify_output
 
     report = verify_output(args.output, _parse_storage_options(args.storage_option))
     print(json.dumps(report.counts, sort_keys=True))
@@ -134,7 +134,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.status import format_status, job_status
+    from pipelines.output.status import format_status, job_status
 
     status = job_status(args.output, _parse_storage_options(args.storage_option))
     print(json.dumps(status, sort_keys=True) if args.json else format_status(status))
@@ -142,8 +142,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.commit import OutputRoot
-    from pipelines.report import rebuild_report
+    from pipelines.output.root import OutputRoot
+    from pipelines.output.report import rebuild_report
     from pipelines.storage import Storage
 
     root = OutputRoot(Storage(args.output, _parse_storage_options(args.storage_option)))

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.errors import EmbedrankError
+from common.errors import EmbedrankError
 
 
 class ConfigError(EmbedrankError, ValueError):

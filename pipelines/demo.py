@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import load_config
-from pipelines.embed_job import run_embed
-from pipelines.verify import read_committed, verify_output
+from pipelines.embed.job import run_embed
+from pipelines.output.verify import read_committed, verify_output
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 WORDS = ("ray data embeds every shard of the corpus exactly once while replicas of the model run "

@@ -29,9 +29,9 @@ def _local_model_digest(path: str) -> str | None:
 def model_digest(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
     """A digest that changes with the model: of a local directory's files, or of a remote one's listing.
 
-    For a URL (`model.path: s3://…`) it is the listing's names, sizes and ETags (`pipelines.model_cache`);
+    For a URL (`model.path: s3://…`) it is the listing's names, sizes and ETags (`common.model_cache`);
     replicas refuse to load a remote model whose listing no longer has it. Hub ids: None (pin a revision)."""
-    from pipelines.model_cache import is_model_url, remote_model
+    from common.model_cache import is_model_url, remote_model
 
     if is_model_url(path):
         return remote_model(path, storage_options).digest

@@ -2,7 +2,7 @@
 
 embed: planned items → read + tokenize (CPU tasks, one work item each) → embed
 (actor pool of model replicas, autoscaled min..max) → write pieces (CPU tasks).
-The driver consumes the piece records and commits (see `pipelines.commit`).
+The driver consumes the piece records and commits (see `pipelines.output.root`).
 
 Reading and tokenising are one stage on purpose: Ray Data would fuse them anyway,
 and a fused stage takes the larger batch size, which bundles many items into one
@@ -19,16 +19,16 @@ from actors.loading import resolve_model_path
 from actors.reranker import RerankReplica
 from actors.tokenize import spec_digest, tokenizer_spec
 from pipelines.config import ComputeConfig, EmbedJobConfig, InputConfig, RerankJobConfig
-from pipelines.joining import order_joined_item, read_documents
-from pipelines.model_cache import is_model_url
-from pipelines.plan import WorkItem
-from pipelines.ranking import rank_bucket, read_score_files
-from pipelines.reading import read_items
-from pipelines.reindexing import (carry_or_tokenize, count_changes, read_base_keys, read_base_vectors,
+from pipelines.rerank.joining import order_joined_item, read_documents
+from common.model_cache import is_model_url
+from pipelines.input.plan import WorkItem
+from pipelines.rerank.ranking import rank_bucket, read_score_files
+from pipelines.input.reading import read_items
+from pipelines.reindex.stages import (carry_or_tokenize, count_changes, read_base_keys, read_base_vectors,
                                   read_hash_and_tokenize, read_snapshot_keys, read_with_hash)
 from pipelines.storage import Storage
-from pipelines.tokenizing import read_and_tokenize
-from pipelines.writing import SCORES_DIR, write_pieces
+from pipelines.embed.stages import read_and_tokenize
+from pipelines.output.pieces import SCORES_DIR, write_pieces
 
 EMBED_OUTPUT_BASE = ["id", "embedding", "n_tokens", "truncated"]
 SCORE_OUTPUT = ["query_id", "doc_id", "score", "n_tokens", "truncated", "_item", "_row"]

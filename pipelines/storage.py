@@ -173,7 +173,7 @@ def _version_of(info: dict[str, Any]) -> str:
 
 def expand_inputs(patterns: list[str], extension: str, storage_options: dict[str, Any]) -> list[InputFile]:
     """Resolve globs (or directories) to a sorted, de-duplicated list of files; an empty match is an error."""
-    from pipelines.errors import InputError
+    from common.errors import InputError
 
     files: dict[str, InputFile] = {}
     for pattern in patterns:

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from pipelines.errors import EmbedrankError
+from common.errors import EmbedrankError
 
 
 class PipelineStalled(EmbedrankError):

@@ -63,8 +63,8 @@ def test_room_boundaries(package):
             assert not line.strip().startswith(forbidden[package]), f"{path}: {line.strip()}"
 
 
-TORCH_FREE_STAGE_MODULES = ["pipelines.tokenizing", "pipelines.reading", "pipelines.writing",
-                            "pipelines.reindexing", "pipelines.joining", "pipelines.ranking"]
+TORCH_FREE_STAGE_MODULES = ["pipelines.embed.stages", "pipelines.input.reading", "pipelines.output.pieces",
+                            "pipelines.reindex.stages", "pipelines.rerank.joining", "pipelines.rerank.ranking"]
 
 
 def test_cpu_task_stages_never_load_torch_or_transformers():

@@ -10,7 +10,7 @@ import torch
 
 from actors.budget import AdaptiveBudget
 from actors.embedder import Embedder
-from pipelines.errors import DeviceMemoryError
+from common.errors import DeviceMemoryError
 
 
 def test_micro_batches_over_the_memory_limit_are_planned_again_at_half_the_budget(capsys):

@@ -135,7 +135,7 @@ def test_replica_stages_turn_rows_into_vectors_and_skip_rejects(tiny_embedding_m
 
 
 def test_dimensions_larger_than_the_model_are_refused(tiny_embedding_model):
-    from pipelines.errors import ModelLoadError
+    from common.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="exceeds the model's embedding size 64"):
         Embedder(str(tiny_embedding_model), dimensions=65)

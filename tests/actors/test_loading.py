@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.loading import load_model, resolve_dtype
-from pipelines.errors import ModelLoadError
+from common.errors import ModelLoadError
 
 
 def test_a_directory_with_only_pickle_weights_is_refused(tiny_embedding_model, tmp_path):

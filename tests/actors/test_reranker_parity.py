@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.reranker import PairTokenizer, Reranker, RerankReplica, common_prefix_length
-from pipelines.errors import ModelLoadError
+from common.errors import ModelLoadError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`=`True`:UserWarning")
 

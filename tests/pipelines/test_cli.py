@@ -96,10 +96,10 @@ def test_pickle_only_models_are_refused(local_job, tmp_path, tiny_embedding_mode
 
 def test_errors_from_remote_actors_are_recovered_from_rays_text():
     from pipelines.cli import _user_error
-    from pipelines.errors import ModelLoadError
+    from common.errors import ModelLoadError
 
     remote = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
-                          "pipelines.errors.ModelLoadError: model.path 'm': cannot load model (boom)")
+                          "common.errors.ModelLoadError: model.path 'm': cannot load model (boom)")
     found = _user_error(remote)
     assert isinstance(found, ModelLoadError) and str(found) == "model.path 'm': cannot load model (boom)"
     assert _user_error(RuntimeError("a bug")) is None

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import EmbedJobConfig
-from pipelines.embed_job import run_embed
-from pipelines.verify import read_committed, verify_output
+from pipelines.embed.job import run_embed
+from pipelines.output.verify import read_committed, verify_output
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 POOL_CLASS = "MapWorker(MapBatches(EmbedReplica))"
@@ -86,7 +86,7 @@ class PoolSampler(threading.Thread):
 
 
 def test_a_delay_failpoint_sleeps_on_every_hit(monkeypatch):
-    from pipelines import failpoints
+    from common import failpoints
 
     monkeypatch.setenv("EMBEDRANK_FAILPOINTS", "replica_batch:delay=0.05")
     started = time.monotonic()

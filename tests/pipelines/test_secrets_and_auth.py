@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import EmbedJobConfig
-from pipelines.embed_job import run_embed
-from pipelines.errors import InputError
+from pipelines.embed.job import run_embed
+from common.errors import InputError
 
 pytestmark = pytest.mark.integration
 ENV_CANARY = "env-canary-7f3a91d2c4"

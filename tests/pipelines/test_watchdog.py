@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import load_config
-from pipelines.embed_job import run_embed
-from pipelines.verify import read_committed, verify_output
+from pipelines.embed.job import run_embed
+from pipelines.output.verify import read_committed, verify_output
 from pipelines.watchdog import PipelineStalled, iter_batches_watched
 
 pytestmark = pytest.mark.integration

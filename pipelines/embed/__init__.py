@@ -1,0 +1,1 @@
+"""The embedding job: its config, its CPU stage and its spec."""

@@ -1,0 +1,173 @@
+"""Planning: input shards → deterministic work items, the unit of commit and resume.
+
+A work item is `(file, row_start, row_end)` with an id hashed from the file's
+relative path, version and the range, so the same input always plans the same
+items. Parquet footers give row counts and let big files split at row-group
+boundaries; JSONL files are one item each and their row count is learnt when read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.config import SourceConfig
+from common.errors import InputError
+from pipelines.input.parquet_io import CorruptFile, read_metadata
+from pipelines.storage import InputFile, expand_inputs
+
+BYTES_PER_TOKEN = 4.0
+EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    item_id: str
+    url: str
+    rel: str
+    format: str
+    row_start: int
+    row_end: int | None
+    row_groups: tuple[int, int] | None
+    est_tokens: int
+    bad_reason: str | None = None
+    """Set when the whole file is rejected at planning (`on_bad_file: reject`); `bad_detail` says why."""
+    bad_detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["row_groups"] = list(self.row_groups) if self.row_groups else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkItem":
+        d = dict(d)
+        d["row_groups"] = tuple(d["row_groups"]) if d.get("row_groups") else None
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    files: list[InputFile]
+    items: list[WorkItem]
+
+    @property
+    def known_rows(self) -> int:
+        return sum(i.row_end - i.row_start for i in self.items if i.row_end is not None)
+
+    @property
+    def unknown_row_items(self) -> int:
+        return sum(1 for i in self.items if i.row_end is None)
+
+    @property
+    def bad_items(self) -> list[WorkItem]:
+        return [i for i in self.items if i.bad_reason]
+
+    @property
+    def est_tokens(self) -> int:
+        return sum(i.est_tokens for i in self.items)
+
+    def summary(self) -> dict[str, Any]:
+        return {"dry_run": True, "files": len(self.files), "items": len(self.items), "rows": self.known_rows,
+                "est_tokens": self.est_tokens}
+
+    def estimate(self, tokens_per_gpu_s: float, usd_per_gpu_hour: float, gpus: int) -> tuple[dict[str, Any], str]:
+        """GPU-hours, cost and wall time on `gpus` replicas for the estimated tokens: (figures, one line)."""
+        gpu_hours = self.est_tokens / tokens_per_gpu_s / 3600
+        figures = {"est_gpu_hours": round(gpu_hours, 3), "est_cost_usd": round(gpu_hours * usd_per_gpu_hour, 2),
+                   "est_wall_hours": round(gpu_hours / max(gpus, 1), 3)}
+        line = (f"estimate: ≈{gpu_hours:,.2f} GPU-hours at {tokens_per_gpu_s:,g} tokens/s per GPU "
+                f"(compute.estimate_tokens_per_gpu_s) ≈ ${figures['est_cost_usd']:,.2f} at "
+                f"${usd_per_gpu_hour:,.2f}/GPU-hour; ≈{figures['est_wall_hours']:,.2f} h wall on {max(gpus, 1)} "
+                "replica(s) (compute.max_replicas)")
+        return figures, line
+
+    def describe(self) -> str:
+        rows = f"{self.known_rows:,}"
+        unknown = self.unknown_row_items - len(self.bad_items)
+        if unknown:
+            rows += f" (+ {unknown} JSONL item(s) counted when read)"
+        lines = [
+            f"plan: {len(self.files)} file(s), {len(self.items)} work item(s), {rows} rows, "
+            f"≈{self.est_tokens:,} tokens (estimated at {BYTES_PER_TOKEN:g} bytes/token)"
+        ]
+        lines += [f"WARNING: rejecting {i.rel} whole ({i.bad_reason}): {i.bad_detail}" for i in self.bad_items]
+        return "\n".join(lines)
+
+
+def _item_id(f: InputFile, start: int, end: int | None) -> str:
+    key = f"{f.rel}\x00{f.size}\x00{f.version}\x00{start}\x00{end}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: SourceConfig) -> None:
+    fields = cfg.fields()
+    wanted = [fs.column for fs in fields if fs.column] + cfg.extra_columns
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise CorruptFile("schema_mismatch", f"{f.url}: column(s) {missing} not found (file has "
+                          f"{schema.names}); check the config's *_column settings")
+    for fs in fields:
+        if fs.kind == "text" and fs.column:
+            t = schema.field(fs.column).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+                raise CorruptFile("schema_mismatch",
+                                  f"{f.url}: {fs.role} column {fs.column!r} has type {t}, expected string")
+
+
+def _bad_file(f: InputFile, bad: CorruptFile, cfg: SourceConfig) -> list[WorkItem]:
+    if cfg.on_bad_file == "fail":
+        raise InputError(f"{bad.detail} [on_bad_file: fail; set input.on_bad_file: reject to record the file "
+                         "in _rejects/ and go on]")
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "parquet", 0, None, None, 0, bad.reason, bad.detail)]
+
+
+def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
+    try:
+        meta = read_metadata(f.url, cfg.storage_options)
+        schema = meta.schema.to_arrow_schema()
+        _check_parquet_schema(f, schema, cfg)
+    except CorruptFile as bad:
+        return _bad_file(f, bad, cfg)
+    text_cols = [fs.column for fs in cfg.fields() if fs.kind == "text" and fs.column]
+    text_idx = [schema.get_field_index(c) for c in text_cols]
+
+    items: list[WorkItem] = []
+    g_start, row_start, rows, text_bytes = 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        rows += rg.num_rows
+        text_bytes += sum(rg.column(i).total_uncompressed_size for i in text_idx if i < rg.num_columns)
+        if rows >= cfg.rows_per_item or g == meta.num_row_groups - 1:
+            end = row_start + rows
+            items.append(
+                WorkItem(_item_id(f, row_start, end), f.url, f.rel, "parquet", row_start, end,
+                         (g_start, g + 1), int(text_bytes / BYTES_PER_TOKEN))
+            )
+            g_start, row_start, rows, text_bytes = g + 1, end, 0, 0
+    if not items:
+        items.append(WorkItem(_item_id(f, 0, 0), f.url, f.rel, "parquet", 0, 0, (0, 0), 0))
+    return items
+
+
+def _plan_jsonl(f: InputFile) -> list[WorkItem]:
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN))]
+
+
+def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
+    """List, sort and split the input into work items; reads only listings and Parquet footers."""
+    files = expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options)
+    if cfg.format == "parquet":
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))
+    else:
+        per_file = [_plan_jsonl(f) for f in files]
+    items = [item for items in per_file for item in items]
+    if items and all(i.bad_reason for i in items):
+        raise InputError(f"every input file is unusable, which points at the config rather than the data; "
+                         f"the first: {items[0].bad_detail}")
+    return Plan(files=files, items=items)

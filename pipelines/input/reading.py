@@ -1,0 +1,174 @@
+"""Reading one work item into rows, with bad rows marked for `_rejects/` instead of dropped.
+
+The source config says which fields a job needs (`SourceConfig.fields()`); every
+output row carries them under their role names, plus `_reject` (a reason code or
+null), `_item`, `_row` (index in its file), `_item_rows` (rows in the item, learnt
+here for JSONL) and the source's extra (pass-through) columns.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.config import FieldSpec, SourceConfig
+from common.errors import InputError
+from pipelines.input.parquet_io import CorruptFile, read_row_groups
+from pipelines.input.plan import WorkItem
+from pipelines.storage import open_input
+
+NO_REASON = pa.scalar(None, pa.string())
+
+
+def _finish(item: WorkItem, rows: pa.Table, first_row: int, fields: list[FieldSpec]) -> pa.Table:
+    """Blank the texts of rejected rows (no stage may use them) and add the bookkeeping columns."""
+    ok = pc.is_null(rows.column("_reject"))
+    for fs in fields:
+        if fs.kind == "text":
+            idx = rows.schema.get_field_index(fs.role)
+            rows = rows.set_column(idx, fs.role, pc.if_else(ok, rows.column(idx), NO_REASON))
+    n = rows.num_rows
+    return (
+        rows.append_column("_item", pa.array([item.item_id] * n, pa.string()))
+        .append_column("_row", pa.array(range(first_row, first_row + n), pa.int64()))
+        .append_column("_item_rows", pa.array([n] * n, pa.int64()))
+    )
+
+
+def _default_ids(item: WorkItem, first_row: int, n: int) -> pa.Array:
+    return pa.array([f"{item.rel}:{r}" for r in range(first_row, first_row + n)], pa.string())
+
+
+def _arrow_field(fs: FieldSpec, table: pa.Table, item: WorkItem) -> tuple[pa.ChunkedArray | pa.Array, Any]:
+    """The field's values as strings and, per row, its reject reason (or null)."""
+    if fs.column is None:
+        return _default_ids(item, item.row_start, table.num_rows), NO_REASON
+    values = pc.cast(table.column(fs.column), pa.string())
+    if fs.kind == "id":
+        return values, pc.if_else(pc.is_null(values), f"null_{fs.role}", NO_REASON)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+    return values, pc.if_else(pc.is_null(values), f"null_{fs.role}",
+                              pc.if_else(blank, f"empty_{fs.role}", NO_REASON))
+
+
+def _read_parquet(item: WorkItem, cfg: SourceConfig) -> pa.Table:
+    fields = cfg.fields()
+    columns = list(dict.fromkeys([fs.column for fs in fields if fs.column] + cfg.extra_columns))
+    g0, g1 = item.row_groups or (0, 0)
+    try:
+        table = read_row_groups(item.url, cfg.storage_options, range(g0, g1), columns)
+    except CorruptFile as bad:
+        if cfg.on_bad_file == "fail":
+            raise InputError(f"{bad.detail} [on_bad_file: fail]") from None
+        return _reject_unreadable(item, cfg, bad)
+    if table.num_rows != item.row_end - item.row_start:
+        raise InputError(f"{item.url}: expected {item.row_end - item.row_start} rows, read {table.num_rows} "
+                         "(file changed since planning?)")
+    out: dict[str, Any] = {}
+    reason: Any = NO_REASON
+    for fs in reversed(fields):
+        values, why = _arrow_field(fs, table, item)
+        out[fs.role] = values
+        reason = pc.if_else(pc.is_null(why), reason, why) if why is not NO_REASON else reason
+    if not isinstance(reason, (pa.Array, pa.ChunkedArray)):
+        reason = pa.nulls(table.num_rows, pa.string())
+    result = pa.table({**{fs.role: out[fs.role] for fs in fields}, "_reject": reason})
+    for col in cfg.extra_columns:
+        result = result.append_column(col, table.column(col))
+    return _finish(item, result, item.row_start, fields)
+
+
+def _reject_unreadable(item: WorkItem, cfg: SourceConfig, bad: CorruptFile) -> pa.Table:
+    """Every row of an item whose row groups do not decode, rejected; ids kept where their column still reads."""
+    fields = cfg.fields()
+    n = item.row_end - item.row_start
+    out: dict[str, Any] = {}
+    for fs in fields:
+        values: Any = pa.nulls(n, pa.string())
+        if fs.kind == "id" and fs.column is None:
+            values = _default_ids(item, item.row_start, n)
+        elif fs.kind == "id":
+            try:
+                ids = read_row_groups(item.url, cfg.storage_options, range(*item.row_groups), [fs.column])
+                values = pc.cast(ids.column(fs.column), pa.string())
+            except CorruptFile:
+                pass
+        out[fs.role] = values
+    result = pa.table({**out, "_reject": pa.array([bad.reason] * n, pa.string())})
+    for col in cfg.extra_columns:
+        result = result.append_column(col, pa.nulls(n))
+    return _finish(item, result, item.row_start, fields)
+
+
+def _parse_line(line: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {}, "invalid_utf8"
+    except ValueError:
+        return {}, "invalid_json"
+    if not isinstance(obj, dict):
+        return {}, "not_an_object"
+    return obj, None
+
+
+def _json_field(fs: FieldSpec, obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    if fs.kind == "id":
+        value = obj.get(fs.column)
+        return (None, f"null_{fs.role}") if value is None else (str(value), None)
+    if fs.column not in obj:
+        return None, f"missing_{fs.role}"
+    value = obj[fs.column]
+    if value is None:
+        return None, f"null_{fs.role}"
+    if not isinstance(value, str):
+        return None, f"{fs.role}_not_string"
+    if not value.strip():
+        return None, f"empty_{fs.role}"
+    return value, None
+
+
+def _read_jsonl(item: WorkItem, cfg: SourceConfig) -> pa.Table:
+    try:
+        with open_input(item.url, cfg.storage_options) as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise InputError(f"{item.url}: cannot read ({exc})") from None
+    fields = cfg.fields()
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    values: dict[str, list[Any]] = {fs.role: [] for fs in fields}
+    extra: dict[str, list[Any]] = {c: [] for c in cfg.extra_columns}
+    reasons: list[str | None] = []
+    for row, line in enumerate(lines):
+        obj, reason = _parse_line(line)
+        for fs in fields:
+            if fs.column is None:
+                value, why = f"{item.rel}:{row}", None
+            else:
+                value, why = _json_field(fs, obj)
+            values[fs.role].append(value)
+            reason = reason or why
+        reasons.append(reason)
+        for col in extra:
+            extra[col].append(obj.get(col))
+    out = pa.table({**{role: pa.array(v, pa.string()) for role, v in values.items()},
+                    "_reject": pa.array(reasons, pa.string())})
+    for col, vals in extra.items():
+        try:
+            out = out.append_column(col, pa.array(vals))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"{item.url}: pass-through column {col!r} has mixed types ({exc})") from None
+    return _finish(item, out, 0, fields)
+
+
+def read_item(item: WorkItem, cfg: SourceConfig) -> pa.Table:
+    return _read_parquet(item, cfg) if item.format == "parquet" else _read_jsonl(item, cfg)
+
+
+def read_items(batch: pa.Table, cfg: SourceConfig) -> pa.Table:
+    """Ray Data stage (CPU task): planned items (JSON in column `item`) in, all of their rows out."""
+    tables = [read_item(WorkItem.from_dict(json.loads(s)), cfg) for s in batch.column("item").to_pylist()]
+    return pa.concat_tables(tables, promote_options="default")

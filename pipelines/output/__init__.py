@@ -1,0 +1,1 @@
+"""The output room: the output root, typed records, the commit protocol, lock, verify, status, report, reader."""

@@ -1,0 +1,1 @@
+"""The reindex job: its config, index root, diff and carry stages, and its spec."""

@@ -1,0 +1,174 @@
+"""An index root: numbered versions of an embedding output and one pointer naming the current version.
+
+    ROOT/_CURRENT.json   {"version": "v000003", …}: replaced atomically, last; the commit point of a version,
+                         as Iceberg swaps its metadata pointer. Readers open the version it names.
+    ROOT/_lock.json      the one reindex or gc that may write (`pipelines.output.lock`)
+    ROOT/v000001/ …      each an output root of the commit protocol (`pipelines.output.root`), plus `_reindex.json`
+                         (its base version, fingerprint, snapshot plan digest and diff counts)
+
+A version's commit records may name files of older versions (`../v000001/data/…`): a work item whose
+input bytes and job fingerprint are unchanged keeps its committed files by reference, so an unchanged
+shard costs one small JSON write. `gc` therefore deletes only files that no kept version names.
+Versions are numbered densely: a new attempt is always `current + 1`, and an unpublished attempt that
+no longer matches the snapshot is discarded before it is reused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import posixpath
+import re
+from typing import Any, TextIO
+
+from pipelines.output.root import SUCCESS_FILE, OutputRoot
+from common.errors import OutputError
+from pipelines.storage import Storage
+
+CURRENT_FILE = "_CURRENT.json"
+REINDEX_FILE = "_reindex.json"
+_VERSION = re.compile(r"^v(\d{6})$")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def version_number(name: str | None) -> int:
+    if name is None:
+        return 0
+    match = _VERSION.match(name)
+    if match is None:
+        raise OutputError(f"{name!r} is not a version name (v000001, v000002, …)")
+    return int(match.group(1))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def rebase(path: str, from_version: str, to_version: str) -> str:
+    """A path relative to one version's root, made relative to another's (both under the same index root)."""
+    absolute = posixpath.normpath(posixpath.join("/", from_version, path))
+    return posixpath.relpath(absolute, posixpath.join("/", to_version))
+
+
+class IndexRoot:
+    """Reads and writes the versions and the pointer of one index root."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._json = OutputRoot(storage).read_json
+
+    def current(self) -> dict[str, Any] | None:
+        """The pointer record, or None before the first version is published."""
+        return self._json(CURRENT_FILE)
+
+    def versions(self) -> list[str]:
+        return sorted(d for d in self.storage.list_dirs() if _VERSION.match(d))
+
+    def version_url(self, name: str) -> str:
+        return f"{self.storage.url}/{name}"
+
+    def version_root(self, name: str) -> OutputRoot:
+        return OutputRoot(Storage(self.version_url(name), self.storage.storage_options))
+
+    def attempt_state(self, name: str) -> dict[str, Any] | None:
+        return self._json(f"{name}/{REINDEX_FILE}")
+
+    def write_attempt_state(self, name: str, state: dict[str, Any]) -> None:
+        self.storage.write_bytes(f"{name}/{REINDEX_FILE}", json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def discard(self, name: str) -> int:
+        """Delete every file of an unpublished version; returns how many."""
+        if name == (self.current() or {}).get("version"):
+            raise OutputError(f"refusing to discard {name}: it is the current version")
+        files = self.storage.list_files(name)
+        self.storage.delete(files)
+        self.storage.delete_tree(name)
+        return len(files)
+
+    def start_attempt(self, base: str | None, state: dict[str, Any], stream: TextIO) -> tuple[str, dict[str, Any]]:
+        """The version this run builds: the unpublished `base + 1` resumed if it was started from the same base,
+        settings and snapshot (`state`'s keys), else a fresh one. Other unpublished versions are discarded."""
+        target = version_name(version_number(base) + 1)
+        for name in self.versions():
+            if version_number(name) <= version_number(base):
+                continue
+            found = self.attempt_state(name)
+            if name == target and found is not None and all(found.get(k) == v for k, v in state.items()):
+                return target, found
+            removed = self.discard(name)
+            print(f"reindex: discarding unpublished {name} ({removed} file(s)): it was started from another "
+                  "snapshot, base or settings", file=stream, flush=True)
+        fresh = {**state, "started_at": _now()}
+        self.write_attempt_state(target, fresh)
+        return target, fresh
+
+    def publish(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Make `name` current: one atomic write of the pointer. Before it, readers see the previous version."""
+        if not self.storage.exists(f"{name}/{SUCCESS_FILE}"):
+            raise OutputError(f"refusing to publish {name}: it has no {SUCCESS_FILE} (not every item is committed)")
+        state = self.attempt_state(name) or {}
+        self.write_attempt_state(name, {**state, "finished_at": _now()})
+        pointer = {**record, "version": name, "published_at": _now()}
+        self.storage.write_bytes(CURRENT_FILE, json.dumps(pointer, indent=1, sort_keys=True).encode())
+        return pointer
+
+    def named_files(self, name: str) -> set[str]:
+        """Every file (relative to the index root) that the commits of version `name` name."""
+        root = self.version_root(name)
+        job = root.read_job()
+        if job is None:
+            return set()
+        commits = root.read_commits([i["item_id"] for i in job["items"]])
+        return {posixpath.normpath(posixpath.join(name, f["path"]))
+                for c in commits.values() for f in c["files"] + c["rejects"]}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per version: its state (current, previous, unpublished, collected), rows and diff counts."""
+        current = version_number((self.current() or {}).get("version"))
+        rows = []
+        for name in self.versions():
+            n = version_number(name)
+            root = self.version_root(name)
+            success = root.read_json(SUCCESS_FILE)
+            attempt = self.attempt_state(name) or {}
+            if n == current:
+                state = "current"
+            elif n > current:
+                state = "unpublished (in progress, or resumable by rerunning reindex)"
+            elif root.read_job() is None:
+                state = "collected (only files newer versions still name are left)"
+            else:
+                state = "previous"
+            rows.append({"version": name, "state": state, "base": attempt.get("base"),
+                         "rows": (success or {}).get("rows"), "counts": attempt.get("counts"),
+                         "finished_at": attempt.get("finished_at")})
+        return rows
+
+    def gc(self, keep: int, stream: TextIO) -> dict[str, Any]:
+        """Delete the versions older than the `keep` newest published ones, except files a kept version names.
+
+        Unpublished versions newer than the current one are kept (a rerun resumes them)."""
+        if keep < 1:
+            raise OutputError("gc --keep must be at least 1 (the current version is always kept)")
+        current = version_number((self.current() or {}).get("version"))
+        if current == 0:
+            raise OutputError(f"{self.storage.url}: no version is published ({CURRENT_FILE} is missing); nothing to gc")
+        names = self.versions()
+        kept = [v for v in names if current - keep < version_number(v)]
+        dropped = [v for v in names if version_number(v) <= current - keep]
+        named: set[str] = set()
+        for v in kept:
+            named |= self.named_files(v)
+        deleted = 0
+        for v in dropped:
+            files = self.storage.list_files(v)
+            doomed = [f for f in files if f not in named]
+            self.storage.delete(doomed)
+            if len(doomed) == len(files):  # nothing of it is named any more: the folder (or its marker) goes too
+                self.storage.delete_tree(v)
+            deleted += len(doomed)
+            print(f"gc: {v}: deleted {len(doomed)} file(s)", file=stream, flush=True)
+        return {"kept": kept, "collected": dropped, "files_deleted": deleted}

@@ -1,0 +1,1 @@
+"""The reranking job: its config, join and rank stages, and its spec."""

@@ -1,0 +1,101 @@
+"""Ranking scored pairs per query, after every score is committed.
+
+A query's candidates may sit in many work items and shards, so ranks cannot be
+given while scoring. Once all items are committed, scores are hashed by
+`query_id` into buckets (Ray Data groupby, on the cluster); one bucket holds
+every candidate of its queries, is ranked whole and committed whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.storage import Storage
+from pipelines.output.pieces import DATA_DIR, REJECTS_DIR, put_piece, reject_table
+
+RANK_RECORD_SCHEMA = pa.schema([
+    ("bucket", pa.int64()), ("data_file", pa.string()), ("data_rows", pa.int64()),
+    ("data_sha256", pa.string()), ("data_bytes", pa.int64()), ("reject_file", pa.string()),
+    ("reject_rows", pa.int64()), ("reject_sha256", pa.string()), ("queries", pa.int64()),
+    ("scored", pa.int64()),
+])
+SCORE_COLUMNS = ["query_id", "doc_id", "score", "_item", "_row"]
+
+
+def bucket_of(query_ids: list[str], buckets: int) -> np.ndarray:
+    """Stable across processes and runs (unlike Python's salted hash)."""
+    return np.fromiter((zlib.crc32(q.encode()) % buckets for q in query_ids), dtype=np.int64,
+                       count=len(query_ids))
+
+
+def read_score_files(batch: pa.Table, storage: Storage, buckets: int, skip_buckets: list[int]) -> pa.Table:
+    """Ray Data stage: committed score files in, their rows out with `_bucket` (committed buckets dropped)."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=SCORE_COLUMNS)
+              for p in batch.column("path").to_pylist()]
+    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    table = table.append_column("_bucket", pa.array(bucket_of(table.column("query_id").to_pylist(), buckets)))
+    if skip_buckets:
+        table = table.filter(pc.invert(pc.is_in(table.column("_bucket"), pa.array(skip_buckets, pa.int64()))))
+    return table
+
+
+def _group_starts(codes: np.ndarray) -> np.ndarray:
+    """For each row of a table sorted by a key, the index where its key's run starts."""
+    new_run = np.ones(len(codes), dtype=bool)
+    new_run[1:] = codes[1:] != codes[:-1]
+    return np.maximum.accumulate(np.where(new_run, np.arange(len(codes)), 0))
+
+
+def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+
+
+def rank_table(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table]:
+    """(ranked rows, duplicate rows): one row per (query_id, doc_id), rank 1 = best score within the query.
+
+    Duplicates keep their first occurrence in (item, row) order. Ties in score rank by doc_id.
+    """
+    table = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending"), ("_item", "ascending"),
+                           ("_row", "ascending")])
+    q, d = _codes(table.column("query_id")), _codes(table.column("doc_id"))
+    dup = np.zeros(table.num_rows, dtype=bool)
+    dup[1:] = (q[1:] == q[:-1]) & (d[1:] == d[:-1])
+    duplicates = table.filter(pa.array(dup))
+    unique = table.filter(pa.array(~dup)).sort_by([("query_id", "ascending"), ("score", "descending"),
+                                                    ("doc_id", "ascending")])
+    codes = _codes(unique.column("query_id"))
+    rank = np.arange(unique.num_rows) - _group_starts(codes) + 1
+    ranked = pa.table({"query_id": unique.column("query_id"), "doc_id": unique.column("doc_id"),
+                       "score": pc.cast(unique.column("score"), pa.float32()),
+                       "rank": pa.array(rank.astype(np.int32))})
+    if top_k is not None:
+        ranked = ranked.filter(pc.less_equal(ranked.column("rank"), top_k))
+    return ranked, duplicates
+
+
+def rank_bucket(group: pa.Table, storage: Storage, fingerprint: dict, top_k: int | None) -> pa.Table:
+    """Ray Data stage (map_groups): one bucket's scores in; its ranked file written; one record out."""
+    bucket = int(group.column("_bucket")[0].as_py())
+    ranked, duplicates = rank_table(group, top_k)
+    fp = json.dumps(fingerprint, sort_keys=True)
+    stem = f"rank-{bucket:05d}"
+    record = {"bucket": bucket, "data_file": None, "data_rows": 0, "data_sha256": None, "data_bytes": 0,
+              "reject_file": None, "reject_rows": 0, "reject_sha256": None,
+              "queries": len(pc.unique(group.column("query_id"))), "scored": group.num_rows}
+    if ranked.num_rows:
+        path, digest, size = put_piece(storage, DATA_DIR, stem, ranked, fp)
+        record.update(data_file=path, data_rows=ranked.num_rows, data_sha256=digest, data_bytes=size)
+    if duplicates.num_rows:
+        rej = reject_table(duplicates, ["query_id", "doc_id"],
+                           pa.array(["duplicate_pair"] * duplicates.num_rows, pa.string()))
+        path, digest, _ = put_piece(storage, REJECTS_DIR, stem, rej, fp)
+        record.update(reject_file=path, reject_rows=duplicates.num_rows, reject_sha256=digest)
+    return pa.Table.from_pylist([record], schema=RANK_RECORD_SCHEMA)

@@ -1,0 +1,89 @@
+"""Planning: deterministic items, row-group splits, clear errors for missing files and columns."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import InputConfig
+from common.errors import InputError
+from pipelines.input.plan import make_plan
+
+
+def write_parquet(path, rows, row_group_size, **extra):
+    table = pa.table({"doc_id": [f"d{i}" for i in range(rows)], "text": [f"text {i}" for i in range(rows)],
+                      **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_plan_is_deterministic_and_splits_at_row_groups(tmp_path):
+    write_parquet(tmp_path / "b.parquet", 1000, 100)
+    write_parquet(tmp_path / "a.parquet", 50, 100)
+    cfg = InputConfig(paths=[str(tmp_path / "*.parquet")], rows_per_item=300)
+    plan = make_plan(cfg)
+    again = make_plan(cfg)
+    assert [i.item_id for i in plan.items] == [i.item_id for i in again.items]
+    assert [(i.rel, i.row_start, i.row_end) for i in plan.items] == [
+        ("a.parquet", 0, 50), ("b.parquet", 0, 300), ("b.parquet", 300, 600), ("b.parquet", 600, 900),
+        ("b.parquet", 900, 1000)]
+    assert plan.items[1].row_groups == (0, 3)
+    assert len({i.item_id for i in plan.items}) == 5
+    assert plan.known_rows == 1050 and plan.est_tokens > 0
+    assert "2 file(s), 5 work item(s), 1,050 rows" in plan.describe()
+
+
+def test_changed_file_gets_new_item_ids(tmp_path):
+    write_parquet(tmp_path / "a.parquet", 10, 10)
+    cfg = InputConfig(paths=[str(tmp_path / "*.parquet")])
+    before = make_plan(cfg).items[0].item_id
+    write_parquet(tmp_path / "a.parquet", 11, 10)
+    assert make_plan(cfg).items[0].item_id != before
+
+
+def test_directory_and_overlapping_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_parquet(tmp_path / "sub" / "x.parquet", 5, 5)
+    write_parquet(tmp_path / "y.parquet", 5, 5)
+    plan = make_plan(InputConfig(paths=[str(tmp_path), str(tmp_path / "*.parquet")]))
+    assert sorted(f.rel for f in plan.files) == ["sub/x.parquet", "y.parquet"]
+
+
+def bad_files(tmp_path):
+    write_parquet(tmp_path / "a.parquet", 5, 5)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "m.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    good = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(good[: len(good) // 2])
+
+
+def test_unreadable_or_drifted_files_fail_the_plan_with_on_bad_file_fail(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
+    bad_files(tmp_path)
+    fail = {"on_bad_file": "fail"}
+    with pytest.raises(InputError, match=r"a\.parquet: column\(s\) \['body'\] not found"):
+        make_plan(InputConfig(paths=[str(tmp_path / "a.parquet")], text_column="body", **fail))
+    with pytest.raises(InputError, match="n.parquet: text column 'text' has type int64"):
+        make_plan(InputConfig(paths=[str(tmp_path / "n.parquet")], **fail))
+    for name in ("bad.parquet", "t.parquet"):
+        with pytest.raises(InputError, match=f"{name}: not a readable Parquet file.*on_bad_file: reject"):
+            make_plan(InputConfig(paths=[str(tmp_path / name)], **fail))
+
+
+def test_unreadable_or_drifted_files_become_rejected_items_by_default(tmp_path):
+    bad_files(tmp_path)
+    plan = make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
+    reasons = {i.rel: i.bad_reason for i in plan.items}
+    assert reasons == {"a.parquet": None, "bad.parquet": "unreadable_file", "m.parquet": "schema_mismatch",
+                       "n.parquet": "schema_mismatch", "t.parquet": "unreadable_file"}
+    assert plan.known_rows == 5 and plan.describe().count("WARNING: rejecting") == 4
+    again = make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")]))
+    assert [i.item_id for i in again.items] == [i.item_id for i in plan.items]
+    with pytest.raises(InputError, match=r"every input file is unusable.*column\(s\) \['nope'\] not found"):
+        make_plan(InputConfig(paths=[str(tmp_path / "*.parquet")], text_column="nope"))
+
+
+def test_jsonl_is_one_item_per_file_with_rows_learnt_when_read(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    plan = make_plan(InputConfig(paths=[str(tmp_path / "*.jsonl")], format="jsonl"))
+    assert len(plan.items) == 1 and plan.items[0].row_end is None and plan.unknown_row_items == 1
