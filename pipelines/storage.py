@@ -7,13 +7,21 @@ rebuilt lazily in each process) so Ray tasks can carry it.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import os
 import posixpath
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from common.object_version import object_version
 
 GLOB_CHARS = "*?["
 
@@ -25,8 +33,40 @@ def _protocol_prefix(fs: fsspec.AbstractFileSystem, url: str) -> str:
     return url.split("://", 1)[0] + "://"
 
 
+class PreconditionFailed(Exception):
+    """A conditional write or delete found the object other than expected: present for a create, absent or
+    changed (another ETag) for a compare-and-swap. S3's 412 (and 409 ConditionalRequestConflict) map to it."""
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    """Whether an s3fs/botocore error is a failed `If-None-Match` / `If-Match` (412, or 409 on a concurrent one)."""
+    if isinstance(exc, FileExistsError):  # s3fs's own translation of a failed If-None-Match
+        return True
+    for err in (exc, exc.__cause__, exc.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status in (409, 412):
+                return True
+    return "pre-conditions you specified did not hold" in str(exc) or "PreconditionFailed" in str(exc)
+
+
+def content_etag(data: bytes) -> str:
+    """The version token of local (and emulated) conditional writes: the content's SHA-256."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class Storage:
-    """A directory-like root on any fsspec filesystem, addressed by paths relative to the root."""
+    """A directory-like root on any fsspec filesystem, addressed by paths relative to the root.
+
+    Besides plain atomic writes (`write_bytes`, for pieces), the control files use conditional ones:
+    `create` (fails if the object exists), `replace` and `delete_if_match` (compare-and-swap on the version
+    token that `read_versioned` returned). On S3 they are `If-None-Match: *` / `If-Match: <ETag>` requests,
+    enforced by the store (`conditional_write_problem` probes that it does); on local disk an `O_EXCL`-like
+    hard link of a complete temp file, and a content-hash check plus atomic rename under an `flock` of the
+    folder. Other fsspec stores get an emulation (read, compare, write) that is not atomic.
+    """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url.rstrip("/") if url not in ("/",) else url
@@ -83,6 +123,235 @@ class Storage:
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
+
+    # -- conditional writes (control files: the lock, commit records, the index pointer) ----------------------
+
+    @property
+    def is_s3(self) -> bool:
+        return not self.is_local and hasattr(self.fs, "call_s3")
+
+    def describe(self) -> str:
+        """The root URL, with the endpoint when one is configured (names the store in messages)."""
+        endpoint = self.storage_options.get("endpoint_url") or (
+            self.storage_options.get("client_kwargs") or {}).get("endpoint_url")
+        return f"{self.url} (endpoint {endpoint})" if endpoint else self.url
+
+    def _bucket_key(self, rel: str) -> tuple[str, str]:
+        bucket, _, key = self.path(rel).partition("/")
+        return bucket, key
+
+    def _s3_put(self, rel: str, data: bytes, conditions: dict[str, str]) -> str:
+        """One PUT with `conditions` (IfNoneMatch / IfMatch); returns the new ETag."""
+        bucket, key = self._bucket_key(rel)
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **conditions)
+        except FileNotFoundError:
+            if "IfMatch" in conditions:  # AWS answers If-Match on a missing key with 404
+                raise PreconditionFailed(f"{self.path(rel)} does not exist") from None
+            raise
+        except OSError as exc:
+            if _is_precondition_failure(exc):
+                raise PreconditionFailed(f"{self.path(rel)}: {exc}") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        return etag or self.fs.info(self.path(rel))["ETag"]
+
+    @contextmanager
+    def _folder_lock(self, target: str, timeout_s: float = 10.0) -> Iterator[None]:
+        """Serialise local compare-and-swaps in one folder (an `flock` of the folder itself: no sidecar file).
+
+        The section is a read, a compare and a rename. A process stopped inside it (SIGSTOP) would block the
+        others, so they give up after `timeout_s` with `PreconditionFailed`: refusing is the safe answer."""
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise PreconditionFailed(f"{folder}: another process holds its lock") from None
+                    time.sleep(0.005)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _local_temp(self, target: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version token (S3: the ETag of that very GET), None if it does not exist."""
+        if self.is_s3:
+            from fsspec.asyn import sync
+
+            bucket, key = self._bucket_key(rel)
+
+            async def get() -> tuple[bytes, str]:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+                try:
+                    body = await resp["Body"].read()
+                finally:
+                    resp["Body"].close()
+                return body, resp["ETag"]
+
+            try:  # retried as s3fs retries its own reads (a reset while the body streams included)
+                from s3fs.core import _error_wrapper
+            except ImportError:  # pragma: no cover - a private helper of s3fs
+                _error_wrapper = None
+            try:
+                if _error_wrapper is None:
+                    return sync(self.fs.loop, get)
+                return sync(self.fs.loop, _error_wrapper, get, retries=self.fs.retries)
+            except FileNotFoundError:
+                return None
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        return data, content_etag(data)
+
+    def create(self, rel: str, data: bytes) -> str:
+        """Write `rel` only if it does not exist (`If-None-Match: *`); returns its version token.
+
+        Raises `PreconditionFailed` if it exists. Readers never see a partial object."""
+        if self.is_s3:
+            return self._s3_put(rel, data, {"IfNoneMatch": "*"})
+        target = self.path(rel)
+        if self.is_local:
+            tmp = self._local_temp(target, data)
+            try:
+                os.link(tmp, target)  # atomic, and fails if the name exists (as O_EXCL does)
+            except FileExistsError:
+                raise PreconditionFailed(f"{target} exists") from None
+            finally:
+                os.unlink(tmp)
+            return content_etag(data)
+        if self.exists(rel):  # emulation: not atomic (see conditional_write_problem)
+            raise PreconditionFailed(f"{target} exists")
+        self.write_bytes(rel, data)
+        return content_etag(data)
+
+    def replace(self, rel: str, data: bytes, etag: str) -> str:
+        """Overwrite `rel` only if its version token is still `etag` (`If-Match`); returns the new token.
+
+        Raises `PreconditionFailed` if it changed or is gone."""
+        if self.is_s3:
+            return self._s3_put(rel, data, {"IfMatch": etag})
+        target = self.path(rel)
+        if self.is_local:
+            tmp = self._local_temp(target, data)  # written (and synced) before the locked section
+            try:
+                with self._folder_lock(target):
+                    self._check_local(rel, etag)
+                    os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            return content_etag(data)
+        self._check_local(rel, etag)
+        self.write_bytes(rel, data)
+        return content_etag(data)
+
+    def _check_local(self, rel: str, etag: str) -> None:
+        found = self.read_versioned(rel)
+        if found is None:
+            raise PreconditionFailed(f"{self.path(rel)} does not exist")
+        if found[1] != etag:
+            raise PreconditionFailed(f"{self.path(rel)} changed (version {found[1][:12]}, expected {etag[:12]})")
+
+    def delete_if_match(self, rel: str, etag: str) -> bool:
+        """Delete `rel` only if its version token is still `etag`; False (nothing deleted) if it changed or is gone."""
+        if self.is_s3:
+            bucket, key = self._bucket_key(rel)
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                if _is_precondition_failure(exc):
+                    return False
+                # a store without conditional deletes: compare, then delete (a small window, at release only)
+                found = self.read_versioned(rel)
+                if found is None or found[1] != etag:
+                    return False
+                self.delete([rel])
+                return True
+            finally:
+                self.fs.invalidate_cache(self.path(rel))
+        target = self.path(rel)
+        try:
+            if self.is_local:
+                with self._folder_lock(target):
+                    self._check_local(rel, etag)
+                    os.unlink(target)
+                return True
+            self._check_local(rel, etag)
+        except PreconditionFailed:
+            return False
+        self.delete([rel])
+        return True
+
+    def conditional_write_problem(self) -> str | None:
+        """None if this store enforces conditional writes, else what is wrong (a probe: two creates of one
+        object, where the second must fail; a write with a wrong If-Match, which must fail; one with the right
+        one, which must succeed). Local disk needs no probe. The probe object is deleted afterwards."""
+        if self.is_local:
+            return None
+        if not self.is_s3:
+            return (f"conditional writes are implemented for S3 and local disk only, not for "
+                    f"{type(self.fs).__name__}")
+        rel = f"_probe-conditional-{uuid.uuid4().hex}"
+        first, second, third = (f"{uuid.uuid4().hex}".encode() for _ in range(3))
+
+        def holds(data: bytes) -> bool:  # a PUT that landed but whose retry failed its precondition
+            found = self.read_versioned(rel)
+            return found is not None and found[0] == data
+
+        try:
+            try:
+                etag = self.create(rel, first)
+            except PreconditionFailed:
+                if not holds(first):
+                    return "it refused a PUT with If-None-Match: * on a new object"
+                etag = self.read_versioned(rel)[1]  # type: ignore[index]
+            try:
+                self.create(rel, second)
+                return "it accepted a second PUT with If-None-Match: * on an existing object"
+            except PreconditionFailed:
+                pass
+            try:
+                self.replace(rel, second, '"00000000000000000000000000000000"')
+                return "it accepted a PUT with an If-Match that does not match"
+            except PreconditionFailed:
+                pass
+            try:
+                self.replace(rel, third, etag)
+            except PreconditionFailed:
+                if not holds(third):
+                    return "it refused a PUT whose If-Match is the ETag it returned"
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSYS, errno.EINVAL):  # 501 NotImplemented, 400 InvalidArgument and the like
+                return f"it rejected a conditional PUT ({exc})"
+            raise  # a store error (network, permissions): not a verdict on the store
+        finally:
+            try:
+                self.delete([rel])
+            except OSError:
+                pass
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -163,14 +432,6 @@ def _static_prefix(pattern: str) -> str:
     return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
 
 
-def _version_of(info: dict[str, Any]) -> str:
-    for key in ("ETag", "etag", "md5Hash", "generation"):
-        if info.get(key):
-            return str(info[key]).strip('"')
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    return str(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
-
-
 def expand_inputs(patterns: list[str], extension: str, storage_options: dict[str, Any]) -> list[InputFile]:
     """Resolve globs (or directories) to a sorted, de-duplicated list of files; an empty match is an error."""
     from common.errors import InputError
@@ -196,7 +457,7 @@ def expand_inputs(patterns: list[str], extension: str, storage_options: dict[str
             url = proto + p
             if url not in files:
                 rel = posixpath.relpath(p, base) if base else p
-                files[url] = InputFile(url=url, rel=rel, size=int(info.get("size") or 0), version=_version_of(info))
+                files[url] = InputFile(url=url, rel=rel, size=int(info.get("size") or 0), version=object_version(info))
     return [files[k] for k in sorted(files)]
 
 

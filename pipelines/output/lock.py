@@ -1,11 +1,34 @@
-"""One writer per output: a lock object with an owner and a heartbeat.
+"""One writer per output, fenced: a lock object with an owner and a heartbeat, written with conditional writes.
 
-A second job finds a fresh lock and is refused, naming the owner. A lock whose
-owner is gone is taken over with a message: on the same host that is known at
-once (its process no longer exists); elsewhere, when its heartbeat is older than
-`stale_after_s` (killed driver, lost node). Object stores have no
-atomic create-if-absent here, so after writing its lock a job reads it back and
-proceeds only if it is still the owner.
+Acquire: the lock is created with `If-None-Match: *` (local disk: an exclusive hard link), so of two jobs
+that start together exactly one creates it. A job that finds a lock:
+
+- whose owner is a process of this host that no longer exists takes it over at once;
+- whose heartbeat timestamp looks fresh (younger than `stale_after_s`, `run.lock_stale_s`) is refused at
+  once, naming the owner;
+- whose heartbeat timestamp looks stale watches the lock object for `stale_after_s` of its own clock
+  (monotonic, suspend included). The timestamp is only a hint (it comes from another host's clock); what
+  decides is the lock's ETag: a live owner rewrites the lock every fifth of `stale_after_s`, so a lock that
+  did not change for that long belongs to a dead or cut-off driver. If it changed, the job is refused; if
+  not, it takes the lock over with a compare-and-swap (`If-Match` on the ETag it watched), so of two waiting
+  jobs only one wins. Skewed clocks can thus only make a job refuse a dead owner's lock until it looks
+  stale, or watch a live one before refusing: never take over a live owner's lock.
+
+Heartbeat: every fifth of `stale_after_s`, a compare-and-swap on the lock as last read, after checking that
+it still carries this job's token. A failed swap or a foreign owner marks the lock LOST.
+
+Fencing: before each commit record, delete, index pointer write and `gc` step, the output root calls
+`fence(storage)`, which calls `check()` of the lock this process holds on that root (or a folder above it).
+`check()` raises `LockLost` (CLI exit status 4) if the lock was lost, or if no heartbeat succeeded for half
+of `stale_after_s` (the driver may have been paused: a VM suspend, a long GC pause, a partition) and a
+heartbeat made now fails. A driver therefore writes only while its last successful heartbeat is younger than
+half of `stale_after_s`, which leaves the other half for the write itself before a waiting job, which waits
+the whole `stale_after_s` after the last change it saw, may take over. Commit records are created with
+`If-None-Match: *` and the index pointer is swapped with `If-Match`, so a write that was already past its
+check when the driver paused cannot overwrite another job's record.
+
+A store that ignores the conditional headers is refused at acquisition, after a probe
+(`Storage.conditional_write_problem`), unless `allow_unconditional` (`run.allow_unconditional_store`).
 """
 
 from __future__ import annotations
@@ -19,10 +42,39 @@ import time
 import uuid
 from typing import Any, TextIO
 
-from common.errors import OutputError
-from pipelines.storage import Storage
+from common.errors import LockLost, OutputError
+from pipelines.storage import PreconditionFailed, Storage
 
 LOCK_FILE = "_lock.json"
+SAFE_FRACTION = 0.5
+"""A driver writes only while its last successful heartbeat is younger than this fraction of the stale time."""
+
+
+
+def _clock() -> float:
+    """This host's elapsed time, suspend included (Linux CLOCK_BOOTTIME; CLOCK_MONOTONIC stops while a machine is
+    suspended, and a driver woken from a suspend must see that its heartbeat is old)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+_HELD: dict[tuple[str, str], OutputLock] = {}
+_HELD_MUTEX = threading.Lock()
+
+
+def _key(storage: Storage) -> tuple[str, str]:
+    return str(storage.fs.protocol), storage.root
+
+
+def fence(storage: Storage) -> None:
+    """Call before a commit, delete or pointer write under `storage`: raises `LockLost` if the lock this process
+    holds on that root (or on a folder above it, as an index root is above its versions) is lost. A process
+    that holds no lock there (a reader, `status`, `report`) is not fenced."""
+    proto, root = _key(storage)
+    with _HELD_MUTEX:
+        locks = [lock for (p, r), lock in _HELD.items()
+                 if p == proto and (root == r or root.startswith(r.rstrip("/") + "/"))]
+    for lock in locks:
+        lock.check()
 
 
 def _process_start(pid: int) -> str | None:
@@ -42,68 +94,231 @@ def owner_gone(held: dict[str, Any]) -> bool:
     return start is None or start != held.get("pid_start")
 
 
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        held = json.loads(data)
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
 class OutputLock:
-    def __init__(self, storage: Storage, stale_after_s: float, stream: TextIO | None = None):
+    def __init__(self, storage: Storage, stale_after_s: float, stream: TextIO | None = None, *,
+                 allow_unconditional: bool = False):
         self.storage = storage
         self.stale_after_s = stale_after_s
         self.stream = stream or sys.stderr
+        self.allow_unconditional = allow_unconditional
         self.token = uuid.uuid4().hex
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.owner = f"{self.host} pid {self.pid}"
         self.started = time.time()
+        self._beats = 0
+        self._etag: str | None = None
+        self._last_ok = float("-inf")
+        """Monotonic time at which the last successful write of the lock was sent."""
+        self._lost: str | None = None
+        self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.storage.read_bytes(LOCK_FILE))
-        except FileNotFoundError:
-            return None
+    def _say(self, text: str) -> None:
+        print(f"lock: {text}", file=self.stream, flush=True)
 
-    def _write(self) -> None:
-        self.storage.write_bytes(LOCK_FILE, json.dumps({
+    def _record(self) -> bytes:
+        self._beats += 1
+        return json.dumps({
             "token": self.token, "owner": self.owner, "host": self.host, "pid": self.pid,
             "pid_start": _process_start(self.pid), "started": self.started, "heartbeat": time.time(),
-        }).encode())
+            "beat": self._beats,
+        }).encode()
 
-    def acquire(self) -> "OutputLock":
-        held = self._read()
-        if held is not None:
-            age = time.time() - float(held.get("heartbeat", 0))
-            gone = owner_gone(held)
-            if age < self.stale_after_s and not gone:
-                raise OutputError(
-                    f"{self.storage.url} is being written by another job ({held.get('owner')}, last heartbeat "
-                    f"{age:.0f}s ago); refusing to run a second writer. If that job is gone, its lock goes "
-                    f"stale after {self.stale_after_s:.0f}s (run.lock_stale_s)"
-                )
-            why = "its process is gone" if gone else f"last heartbeat {age:.0f}s ago"
-            print(f"lock: taking over a stale lock of {held.get('owner')} ({why})", file=self.stream, flush=True)
-        self._write()
-        time.sleep(0.05)
-        now_held = self._read()
-        if now_held is None or now_held.get("token") != self.token:
-            raise OutputError(f"{self.storage.url}: another job took the lock at the same moment; refusing")
+    # -- acquire -------------------------------------------------------------------------------------------------
+
+    def _check_store(self) -> None:
+        if self.storage.is_local:
+            return
+        if self.allow_unconditional:
+            self._say(f"run.allow_unconditional_store is set: {self.storage.url} is not probed for conditional "
+                      "writes, and writers are fenced only as far as the store enforces them")
+            return
+        problem = self.storage.conditional_write_problem()
+        if problem is not None:
+            raise OutputError(
+                f"{self.storage.describe()}: this store does not enforce conditional writes: {problem}. embedrank "
+                "fences writers with If-None-Match / If-Match; without them two drivers can both write the output "
+                "and one can delete files the other committed. Use a store that enforces them, or set "
+                "run.allow_unconditional_store: true (gc: --allow-unconditional-store) if no second driver can "
+                "ever run on this output"
+            )
+
+    def acquire(self) -> OutputLock:
+        self._check_store()
+        for _ in range(20):
+            sent, data = _clock(), self._record()
+            try:
+                self._etag = self.storage.create(LOCK_FILE, data)
+                break
+            except PreconditionFailed:
+                pass
+            found = self.storage.read_versioned(LOCK_FILE)
+            if found is None:
+                continue  # released since: try to create it again
+            held = _parse(found[0])
+            if held.get("token") == self.token:  # our create landed and a retry of that same PUT failed
+                self._etag = found[1]
+                break
+            taken = self._take_over(held, found[1])
+            if taken is not None:
+                sent = taken
+                break
+        else:
+            raise OutputError(f"{self.storage.url}: the lock kept appearing and disappearing; refusing to run")
+        self._last_ok = sent
+        with _HELD_MUTEX:
+            _HELD[_key(self.storage)] = self
         self._thread = threading.Thread(target=self._beat, name="embedrank-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
 
+    def _refuse(self, held: dict[str, Any], detail: str) -> OutputError:
+        return OutputError(
+            f"{self.storage.url} is being written by another job ({held.get('owner')}, {detail}); refusing to run "
+            f"a second writer. If that job is gone, its lock goes stale after {self.stale_after_s:.0f}s "
+            "(run.lock_stale_s)"
+        )
+
+    def _take_over(self, held: dict[str, Any], etag: str) -> float | None:
+        """Take over a lock held by someone else, or raise; None if it disappeared meanwhile (create again)."""
+        owner = held.get("owner")
+        if owner_gone(held):
+            why = "its process is gone"
+        else:
+            age = time.time() - float(held.get("heartbeat", 0))
+            if age < self.stale_after_s:
+                raise self._refuse(held, f"last heartbeat {age:.0f}s ago")
+            self._say(f"{owner}'s last heartbeat is {age:.0f}s old by this host's clock; watching its lock for "
+                      f"{self.stale_after_s:.0f}s (run.lock_stale_s) before taking it over (a live owner renews "
+                      f"it every {self.stale_after_s / 5:.1f}s)")
+            deadline = _clock() + self.stale_after_s
+            poll = max(0.05, min(self.stale_after_s / 10, 5.0))
+            while (now := _clock()) < deadline:
+                time.sleep(min(poll, deadline - now))
+                found = self.storage.read_versioned(LOCK_FILE)
+                if found is None:
+                    return None
+                if found[1] != etag:
+                    raise self._refuse(_parse(found[0]), "its lock changed while this job watched it")
+            why = f"last heartbeat {age:.0f}s ago; its lock did not change for {self.stale_after_s:.0f}s"
+        self._say(f"taking over a stale lock of {owner} ({why})")
+        sent, data = _clock(), self._record()
+        try:
+            self._etag = self.storage.replace(LOCK_FILE, data, etag)
+        except PreconditionFailed:
+            found = self.storage.read_versioned(LOCK_FILE)
+            if found is None:
+                return None
+            now_held = _parse(found[0])
+            if now_held.get("token") != self.token:
+                raise OutputError(f"{self.storage.url}: another job ({now_held.get('owner')}) took the lock at the "
+                                  "same moment; refusing") from None
+            self._etag = found[1]
+        return sent
+
+    # -- heartbeat and fencing -----------------------------------------------------------------------------------
+
+    def _lose(self, why: str) -> None:
+        self._lost = why
+        self._say(f"LOST: {why}; this job stops before its next commit, delete or pointer write")
+
+    def renew(self, only_if_older_s: float | None = None) -> bool:
+        """One heartbeat: a compare-and-swap of the lock, if it still carries this job's token. False if it failed
+        (a foreign owner or a failed swap also marks the lock lost; a store error does not)."""
+        with self._mutex:
+            if self._lost is not None:
+                return False
+            if only_if_older_s is not None and _clock() - self._last_ok <= only_if_older_s:
+                return True
+            sent = _clock()
+            try:
+                found = self.storage.read_versioned(LOCK_FILE)
+                if found is None:
+                    self._lose("its lock was deleted (another job took it over and finished)")
+                    return False
+                held = _parse(found[0])
+                if held.get("token") != self.token:
+                    self._lose(f"{held.get('owner')} took the lock over")
+                    return False
+                data = self._record()
+                try:
+                    self._etag = self.storage.replace(LOCK_FILE, data, found[1])
+                except PreconditionFailed:
+                    again = self.storage.read_versioned(LOCK_FILE)
+                    if again is None or again[0] != data:  # else: our swap landed and a retry of it failed
+                        now = _parse(again[0]).get("owner") if again else None
+                        self._lose(f"the lock changed under its heartbeat ({now or 'deleted'})")
+                        return False
+                    self._etag = again[1]
+                self._last_ok = sent
+                return True
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the job; check() decides
+                self._say(f"heartbeat failed ({type(exc).__name__}: {exc}); will retry")
+                return False
+
     def _beat(self) -> None:
         while not self._stop.wait(max(self.stale_after_s / 5, 0.05)):
-            try:
-                self._write()
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the job
-                print(f"lock: heartbeat failed ({type(exc).__name__}); will retry", file=self.stream, flush=True)
+            self.renew()
+            if self._lost is not None:
+                return
+
+    def check(self) -> None:
+        """Raise `LockLost` unless this job still owns the lock with a recent heartbeat (renewed now if it is
+        older than half of `stale_after_s`)."""
+        limit = self.stale_after_s * SAFE_FRACTION
+        if self._lost is None and _clock() - self._last_ok > limit:
+            self.renew(only_if_older_s=limit)
+        if self._lost is not None:
+            raise LockLost(
+                f"{self.storage.url}: this job lost its lock ({self._lost}); it stopped before its next commit, "
+                "delete or pointer write. Another job owns the output now: what this one committed is kept"
+            )
+        age = _clock() - self._last_ok
+        if age > limit:
+            raise LockLost(
+                f"{self.storage.url}: no heartbeat of this job's lock succeeded for {age:.0f}s (half of "
+                f"run.lock_stale_s={self.stale_after_s:.0f}s); another job may take the output over, so this one "
+                "stops before its next commit, delete or pointer write. Rerun to resume"
+            )
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lock was lost, None while it is held."""
+        return self._lost
+
+    # -- release -------------------------------------------------------------------------------------------------
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock, only if it is still this job's (`If-Match`)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        held = self._read()
-        if held is not None and held.get("token") == self.token:
-            self.storage.delete([LOCK_FILE])
+        with _HELD_MUTEX:
+            if _HELD.get(_key(self.storage)) is self:
+                del _HELD[_key(self.storage)]
+        with self._mutex:
+            if self._lost is not None or self._etag is None:
+                return
+            try:
+                if self.storage.delete_if_match(LOCK_FILE, self._etag):
+                    return
+                found = self.storage.read_versioned(LOCK_FILE)
+                if found is not None and _parse(found[0]).get("token") == self.token:
+                    self.storage.delete_if_match(LOCK_FILE, found[1])
+            except Exception as exc:  # noqa: BLE001 - a lock left behind goes stale; the job's outcome stands
+                self._say(f"could not release the lock ({type(exc).__name__}: {exc}); it goes stale after "
+                          f"{self.stale_after_s:.0f}s")
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

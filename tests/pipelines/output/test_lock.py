@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
 from common.errors import OutputError
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
 from pipelines.output.lock import LOCK_FILE, OutputLock
 from pipelines.storage import Storage
 
@@ -71,7 +71,8 @@ def test_the_lock_beats_while_held_and_is_released(tmp_path):
 @pytest.mark.integration
 def test_a_stale_lock_is_taken_over_with_a_message(ray_local, cfg, tmp_path, capsys):
     foreign_lock(tmp_path / "out", heartbeat_age_s=3600)
-    summary = run_embed(cfg)
+    # a takeover watches the stale-looking lock unchanged for lock_stale_s first: keep that wait short here
+    summary = run_embed(cfg.model_copy(update={"run": cfg.run.model_copy(update={"lock_stale_s": 3})}))
     assert summary["totals"]["rows"] == 12
     assert "taking over a stale lock of other-host pid 4242" in capsys.readouterr().err
     assert not (tmp_path / "out" / LOCK_FILE).exists()
