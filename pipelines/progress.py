@@ -1,10 +1,59 @@
-"""Progress lines while a job runs and the summary at its end."""
+"""Progress while a job runs and the summary at its end.
+
+On a terminal the progress is one line redrawn in place (at most 5 times a second); elsewhere (cron, a file,
+`ray job submit` logs) it is a plain line every `run.progress_interval_s`. Other lines printed while a bar is
+drawn go through `emit`, which clears the bar first; `end_line` ends a bar before an error or stop message.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any, TextIO
+
+from pipelines.output.records import ItemCommit
+
+REDRAW_S = 0.2
+_open_bars: dict[int, TextIO] = {}
+"""Streams whose last write is an unfinished bar line (by id)."""
+_current: list[Progress] = []
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def end_line(stream: TextIO | None = None) -> None:
+    """Finish a bar drawn on `stream` (every stream: None) so that the next line starts on a line of its own."""
+    for key, open_stream in list(_open_bars.items()):
+        if stream is None or open_stream is stream:
+            del _open_bars[key]
+            try:
+                open_stream.write("\n")
+                open_stream.flush()
+            except (ValueError, OSError):
+                pass
+
+
+def emit(stream: TextIO, text: str) -> None:
+    """Print a line of its own while a bar may be drawn on `stream` (the bar is redrawn by its next update)."""
+    if id(stream) in _open_bars:
+        del _open_bars[id(stream)]
+        stream.write("\r\x1b[K")
+    print(text, file=stream, flush=True)
+
+
+def current() -> Progress | None:
+    """The progress of the items phase running (or last run) in this process: how far a stopped job got."""
+    return _current[-1] if _current else None
+
+
+def forget() -> None:
+    """A new job starts in this process: no progress yet."""
+    _current.clear()
 
 
 def format_duration(seconds: float) -> str:
@@ -15,7 +64,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts committed work and prints a rate/ETA line at most every `interval` seconds."""
+    """Counts committed work and shows rate and ETA: a bar redrawn in place on a terminal, else a line at most
+    every `interval` seconds."""
 
     def __init__(self, total_items: int, done_items: int, known_rows: int, interval: float,
                  stream: TextIO | None = None, label: str = "embed"):
@@ -27,31 +77,59 @@ class Progress:
         self.label = label
         self.items = self.rows = self.rejected = self.tokens = 0
         self.started = self._last = time.monotonic()
+        self.bar = _is_tty(self.stream)
+        _current[:] = [self]
 
-    def update(self, commit: dict[str, Any]) -> None:
+    def update(self, commit: ItemCommit) -> None:
         self.items += 1
-        self.rows += commit["rows"]
-        self.rejected += commit["rejected"]
-        self.tokens += commit["tokens"]
+        self.rows += commit.rows
+        self.rejected += commit.rejected
+        self.tokens += commit.tokens
         now = time.monotonic()
-        if now - self._last >= self.interval:
+        if now - self._last >= (REDRAW_S if self.bar else self.interval):
             self._last = now
-            self.print_line()
+            if self.bar:
+                self.stream.write(f"\r{self.line()}\x1b[K")
+                self.stream.flush()
+                _open_bars[id(self.stream)] = self.stream
+            else:
+                self.print_line()
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def print_line(self) -> None:
-        done = self.done_items + self.items
+    @property
+    def committed(self) -> int:
+        """Items committed in all, earlier runs' included."""
+        return self.done_items + self.items
+
+    def line(self) -> str:
+        done = self.committed
         elapsed = max(self.elapsed, 1e-9)
         rows_s = (self.rows + self.rejected) / elapsed
         remaining_rows = max(self.known_rows - self.rows - self.rejected, 0)
         eta = format_duration(remaining_rows / rows_s) if rows_s > 0 and self.known_rows else "?"
+        if done >= self.total_items:
+            eta = "0s"  # (a resumed run's rows count this run's only)
         pct = 100.0 * done / self.total_items if self.total_items else 100.0
-        print(f"[{self.label}] items {done}/{self.total_items} ({pct:.0f}%) · rows {self.rows:,} "
-              f"(+{self.rejected:,} rejected) · {rows_s:,.1f} rows/s · {self.tokens / elapsed:,.0f} tokens/s "
-              f"· ETA {eta}", file=self.stream, flush=True)
+        return (f"[{self.label}] items {done}/{self.total_items} ({pct:.0f}%) · rows {self.rows:,} "
+                f"(+{self.rejected:,} rejected) · {rows_s:,.1f} rows/s · {self.tokens / elapsed:,.0f} tokens/s "
+                f"· ETA {eta}")
+
+    def print_line(self) -> None:
+        """The progress as a line of its own (on a terminal: the bar, finished)."""
+        if id(self.stream) in _open_bars:
+            del _open_bars[id(self.stream)]
+            self.stream.write("\r")
+        print(f"{self.line()}\x1b[K" if self.bar else self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """The items phase is over: a bar drawn on a terminal is cleared (the summary prints the last figures)."""
+        if id(self.stream) in _open_bars:
+            del _open_bars[id(self.stream)]
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
     def summary(self) -> dict[str, Any]:
         return {"items_processed": self.items, "items_skipped": self.done_items, "items_total": self.total_items,
