@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+# Entry points on a fresh machine: `make demo`, `make test` (the whole suite, what CI runs) and `make test-fast`
+# (unit tests only: no Ray, no S3 server, no job processes). All set up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU wheel first, so that no dependency pulls a multi-GB CUDA build of torch.
@@ -6,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embedrank-installed
 
-.PHONY: setup demo test clean chromium
+.PHONY: setup demo test test-fast clean chromium
 
 setup: $(STAMP)
 
@@ -29,6 +30,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# Markers in pyproject.toml; tests/conftest.py marks every test using ray_local, s3_server or s3_bucket `integration`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not integration and not slow and not gpu"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

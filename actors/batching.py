@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 
-
 # What one forward pass costs beyond its tokens, in tokens of compute, by device type: the planner's default
 # (measured with `python -m benchmarks.pass_overhead`: 43 on 2 CPU threads, 7,256 for Qwen3-0.6B bf16 on an H200).
 PASS_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 8192}

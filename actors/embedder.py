@@ -14,11 +14,12 @@ import torch
 
 from actors.batching import BatchStats, pass_overhead_tokens, right_pad, row_padded_lengths
 from actors.budget import AdaptiveBudget, BudgetedModel
-from actors.loading import (flash_attention_available, load_model, load_tokenizer, pad_id, placement,
-                            resolve_model_path)
+from actors.loading import flash_attention_available, load_model, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
+from actors.settings import EmbedSettings
 from actors.tokenize import arrow_to_ids
 from common import failpoints  # dependency-free; inert unless a test names it
+from common.columns import EMBEDDING, INPUT_IDS, PADDED
 from common.errors import ModelLoadError
 
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
@@ -113,21 +114,18 @@ class EmbedReplica:
     Rows without tokens (rejected upstream) get a zero vector that the writer never stores.
     """
 
-    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
-                 num_cpus: float = 1, dimensions: int | None = None, max_batch_tokens: int = 16384,
-                 vector_dtype: str = "float32", storage_options: dict | None = None,
-                 model_digest: str | None = None, batch_overhead_tokens: int | None = None):
-        # a URL path is fetched once per node into the local model cache (storage_options: model.storage_options)
-        path = resolve_model_path(path, storage_options, expected_digest=model_digest)
-        self.embedder = Embedder(path, revision, dtype=dtype, num_gpus=num_gpus, dimensions=dimensions,
-                                 max_batch_tokens=max_batch_tokens, num_threads=max(1, int(num_cpus)),
-                                 batch_overhead_tokens=batch_overhead_tokens)
-        self.vector_dtype = vector_dtype
+    def __init__(self, settings: EmbedSettings):
+        s = settings
+        path = resolve_model_path(s.path, s.storage_options, expected_digest=s.model_digest)  # URL: cached copy
+        self.embedder = Embedder(path, s.revision, dtype=s.dtype, num_gpus=s.num_gpus, dimensions=s.dimensions,
+                                 max_batch_tokens=s.max_batch_tokens, num_threads=s.num_threads,
+                                 batch_overhead_tokens=s.batch_overhead_tokens)
+        self.vector_dtype = s.vector_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
         failpoints.hit("replica_batch")
-        values, offsets = arrow_to_ids(table.column("input_ids"))
+        values, offsets = arrow_to_ids(table.column(INPUT_IDS))
         vectors, padded = self.embedder.embed_ids_padded(values, offsets)
-        table = table.drop_columns(["input_ids"])
-        return (table.append_column("embedding", vectors_to_arrow(vectors, self.vector_dtype))
-                .append_column("_padded", pa.array(padded, pa.int64())))
+        table = table.drop_columns([INPUT_IDS])
+        return (table.append_column(EMBEDDING, vectors_to_arrow(vectors, self.vector_dtype))
+                .append_column(PADDED, pa.array(padded, pa.int64())))

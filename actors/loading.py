@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
+from actors.settings import dtype_name
 from common.errors import ModelLoadError
 from common.model_cache import is_model_url, local_model_dir
 
@@ -20,10 +22,8 @@ def resolve_device(num_gpus: float) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on GPU (fp16 overflows on Qwen3-8B) and float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
+    """The torch dtype of a config's `dtype` on `device` (`auto`: see `actors.settings.dtype_name`)."""
+    return DTYPES[dtype_name(dtype, device.type == "cuda")]
 
 
 def placement(num_gpus: float, dtype: str, num_threads: int | None) -> tuple[torch.device, torch.dtype]:
@@ -70,6 +70,7 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
 
 def _from_pretrained(auto_class, path: str, revision: str | None, dtype: torch.dtype,
                      device: torch.device, attn_implementation: str | None = None) -> torch.nn.Module:
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar per replica in a job's output
     try:
         model = auto_class.from_pretrained(
             path, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True,

@@ -24,7 +24,9 @@ from actors.batching import BatchStats, padded_tokens, pass_overhead_tokens, rig
 from actors.budget import AdaptiveBudget, BudgetedModel
 from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
+from actors.settings import RerankSettings
 from common import failpoints  # dependency-free; inert unless a test names it
+from common.columns import N_TOKENS, QUERY, QUERY_ID, REJECT, SCORE, TEXT, TRUNCATED
 from common.errors import ModelLoadError
 
 MIN_SHARED_PREFIX = 16
@@ -241,23 +243,21 @@ class RerankReplica:
     Candidates are grouped by `query_id` (by query text where it is null).
     """
 
-    def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
-                 num_cpus: float = 1, instruction: str | None = None, max_length: int = 8192,
-                 max_batch_tokens: int = 16384, share_prefix: bool = True, storage_options: dict | None = None,
-                 model_digest: str | None = None, batch_overhead_tokens: int | None = None):
-        path = resolve_model_path(path, storage_options, expected_digest=model_digest)  # URL: local cached copy
-        self.tokenizer = PairTokenizer(path, revision, max_length, instruction)
-        self.reranker = Reranker(path, revision, dtype=dtype, num_gpus=num_gpus, max_batch_tokens=max_batch_tokens,
-                                 num_threads=max(1, int(num_cpus)), share_prefix=share_prefix,
-                                 batch_overhead_tokens=batch_overhead_tokens)
+    def __init__(self, settings: RerankSettings):
+        s = settings
+        path = resolve_model_path(s.path, s.storage_options, expected_digest=s.model_digest)  # URL: cached copy
+        self.tokenizer = PairTokenizer(path, s.revision, s.max_length, s.instruction)
+        self.reranker = Reranker(path, s.revision, dtype=s.dtype, num_gpus=s.num_gpus,
+                                 max_batch_tokens=s.max_batch_tokens, num_threads=s.num_threads,
+                                 share_prefix=s.share_prefix, batch_overhead_tokens=s.batch_overhead_tokens)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         failpoints.hit("replica_batch")
-        queries = table.column("query").to_pylist()
-        texts = table.column("text").to_pylist()
-        query_ids = table.column("query_id").to_pylist()
-        rejected = (table.column("_reject").is_valid().to_numpy(zero_copy_only=False)
-                    if "_reject" in table.column_names else np.zeros(table.num_rows, dtype=bool))
+        queries = table.column(QUERY).to_pylist()
+        texts = table.column(TEXT).to_pylist()
+        query_ids = table.column(QUERY_ID).to_pylist()
+        rejected = (table.column(REJECT).is_valid().to_numpy(zero_copy_only=False)
+                    if REJECT in table.column_names else np.zeros(table.num_rows, dtype=bool))
         keep = [i for i in range(table.num_rows) if not rejected[i] and queries[i] is not None and texts[i] is not None]
         ids: list[list[int]] = [[] for _ in range(table.num_rows)]
         truncated = np.zeros(table.num_rows, dtype=bool)
@@ -275,8 +275,8 @@ class RerankReplica:
         scores = self.reranker.score_ids(ids, group)
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         return (
-            table.drop_columns(["query", "text"])
-            .append_column("score", pa.array(scores, type=pa.float32()))
-            .append_column("n_tokens", pa.array(n_tokens))
-            .append_column("truncated", pa.array(truncated))
+            table.drop_columns([QUERY, TEXT])
+            .append_column(SCORE, pa.array(scores, type=pa.float32()))
+            .append_column(N_TOKENS, pa.array(n_tokens))
+            .append_column(TRUNCATED, pa.array(truncated))
         )

@@ -18,6 +18,7 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from actors.prompts import format_texts
+from common.columns import INPUT_IDS, N_TOKENS, REJECT, TEXT, TRUNCATED
 
 
 def tokenizer_spec(path: str, revision: str | None = None) -> str:
@@ -80,13 +81,13 @@ class TokenizeBatch:
     Rejected rows (non-null `_reject`) get no tokens.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, text_column: str = "text"):
+    def __init__(self, tokenizer: TextTokenizer, text_column: str = TEXT):
         self.tokenizer = tokenizer
         self.text_column = text_column
 
     def __call__(self, table: pa.Table) -> pa.Table:
         texts = table.column(self.text_column).to_pylist()
-        rejected = table.column("_reject").is_valid().to_numpy(zero_copy_only=False)
+        rejected = table.column(REJECT).is_valid().to_numpy(zero_copy_only=False)
         keep = [i for i in range(len(texts)) if not rejected[i]]
         ids: list[list[int]] = [[] for _ in texts]
         truncated = np.zeros(len(texts), dtype=bool)
@@ -99,9 +100,9 @@ class TokenizeBatch:
         n_tokens = np.diff(arr.offsets.to_numpy()).astype(np.int32)
         table = table.drop_columns([self.text_column])
         return (
-            table.append_column("input_ids", arr)
-            .append_column("n_tokens", pa.array(n_tokens))
-            .append_column("truncated", pa.array(truncated))
+            table.append_column(INPUT_IDS, arr)
+            .append_column(N_TOKENS, pa.array(n_tokens))
+            .append_column(TRUNCATED, pa.array(truncated))
         )
 
 

@@ -90,7 +90,7 @@ def job_config(paths: str, model: str, out: str, args) -> dict:
 
 
 def run_job(paths: str, model: str, out: str, args) -> tuple[float, int]:
-    from pipelines.config import EmbedJobConfig
+    from pipelines.embed.config import EmbedJobConfig
     from pipelines.embed.job import run_embed
 
     cfg = EmbedJobConfig.model_validate(job_config(paths, model, out, args))

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from actors.loading import load_tokenizer
     from actors.random_qwen import build_random_qwen3
-    from pipelines.config import EmbedJobConfig, ReindexJobConfig
+    from pipelines.embed.config import EmbedJobConfig
+    from pipelines.reindex.config import ReindexJobConfig
     from pipelines.embed.job import run_embed
     from pipelines.ray_runtime import ensure_ray
     from pipelines.reindex.job import run_reindex

@@ -22,3 +22,16 @@ class ModelLoadError(EmbedrankError):
 
 class DeviceMemoryError(EmbedrankError):
     """One sequence alone does not fit in the device's memory (lower `model.max_length`)."""
+
+
+class LockLost(OutputError):
+    """This driver no longer holds its output's lock: another job took it over while this one was paused or cut
+    off (VM suspend, long GC pause, partition), or its heartbeat could not be renewed. The driver stops before
+    its next commit, delete or index pointer write; what it committed is kept. CLI exit status 4."""
+
+    exit_code = 4
+
+
+class ResourceError(EmbedrankError):
+    """The compute settings ask for what no node of the Ray cluster can ever offer (a GPU on a machine without
+    one, more CPUs than a node has, a replica that leaves no CPU for the I/O tasks); refused before any work."""

@@ -57,6 +57,7 @@ from typing import Any, Iterator
 import fsspec
 
 from common.errors import ModelLoadError
+from common.object_version import object_version
 
 CACHE_ENV = "EMBEDRANK_MODEL_CACHE"
 MANIFEST = ".embedrank-manifest.json"
@@ -172,9 +173,7 @@ def remote_model(url: str, storage_options: dict[str, Any] | None) -> RemoteMode
             f"model.path {url!r} has no .safetensors weights"
             + (f" (only pickle files {pickled}, which embedrank never loads: convert them to safetensors)"
                if pickled else ""))
-    from pipelines.storage import _version_of
-
-    needed = tuple(RemoteFile(name, int(info.get("size") or 0), _version_of(info))
+    needed = tuple(RemoteFile(name, int(info.get("size") or 0), object_version(info))
                    for name, info in sorted(files.items()) if _needed(name))
     return RemoteModel(url=url, files=needed)
 

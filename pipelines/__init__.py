@@ -1,4 +1,9 @@
-"""What composes an embedrank job: config, planning, storage I/O, commit protocol, Ray graphs, CLI.
+"""What composes an embedrank job: rooms by job on top of an input room and an output room.
+
+    input/    planning work items, reading them        output/   root, records, commit protocol, lock, reader, …
+    embed/    rerank/    reindex/                      one package per job: its config, stages and spec
+    lifecycle (the one job lifecycle), graph (the one place that builds Ray Data graphs), stages (column
+    declarations), ray_runtime, watchdog, config (shared bases), fingerprint, preflight, storage, cli
 
 Nothing here imports torch or transformers; model code lives in `actors`.
 """

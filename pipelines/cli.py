@@ -1,18 +1,20 @@
 """`embedrank` command line: embed, rerank, reindex, versions, gc, verify, status, report, demo.
 
-User mistakes (bad config, unreadable input, refused output) print one clear
-message and exit 2; they never print a traceback.
+User mistakes (bad config, unreadable input, refused output, compute that the cluster can never serve) print
+one clear message and exit 2; they never print a traceback. SIGINT / SIGTERM stop a job cleanly: exit 130 / 143
+with how far it got (`pipelines.ray_runtime.driver_session`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
-
-import re
 
 from common import errors
 from common.errors import EmbedrankError
@@ -58,35 +60,29 @@ def _parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _run_job(args: argparse.Namespace, schema: Any, run: Callable[..., dict[str, Any]]) -> int:
+JOBS = {
+    "embed": ("pipelines.embed.job:EMBED", "embed a corpus into committed Parquet vectors (resumable)"),
+    "rerank": ("pipelines.rerank.job:RERANK", "score and rank candidate (query, document) pairs (resumable)"),
+    "reindex": ("pipelines.reindex.job:REINDEX", "publish the next version of an index, embedding only new and "
+                "changed documents (resumable; for cron)"),
+}
+"""Job commands: name → (its spec, `module:attribute`, imported when the command runs; help text)."""
+
+
+def _job_spec(name: str):
+    module, _, attribute = JOBS[name][0].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
     """Load and validate the job's config, run it, print its summary as JSON if asked."""
     from pipelines.config import load_config
 
-    summary = run(load_config(args.config, args.set, schema=schema), dry_run=args.dry_run)
+    spec = _job_spec(args.command)
+    summary = spec.run(load_config(args.config, args.set, schema=spec.config_type), dry_run=args.dry_run)
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from pipelines.config import EmbedJobConfig
-    from pipelines.embed.job import run_embed
-
-    return _run_job(args, EmbedJobConfig, run_embed)
-
-
-def cmd_rerank(args: argparse.Namespace) -> int:
-    from pipelines.config import RerankJobConfig
-    from pipelines.rerank.job import run_rerank
-
-    return _run_job(args, RerankJobConfig, run_rerank)
-
-
-def cmd_reindex(args: argparse.Namespace) -> int:
-    from pipelines.config import ReindexJobConfig
-    from pipelines.reindex.job import run_reindex
-
-    return _run_job(args, ReindexJobConfig, run_reindex)
 
 
 def _index(args: argparse.Namespace):
@@ -115,7 +111,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pipelines.output.lock import OutputLock
 
     index = _index(args)
-    with OutputLock(index.storage, args.lock_stale_s):
+    with OutputLock(index.storage, args.lock_stale_s, allow_unconditional=args.allow_unconditional_store):
         result = index.gc(args.keep, sys.stdout)
     print(f"gc: kept {', '.join(result['kept'])}; collected {len(result['collected'])} version(s), "
           f"deleted {result['files_deleted']} file(s)")
@@ -142,8 +138,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.output.root import OutputRoot
     from pipelines.output.report import rebuild_report
+    from pipelines.output.root import OutputRoot
     from pipelines.storage import Storage
 
     root = OutputRoot(Storage(args.output, _parse_storage_options(args.storage_option)))
@@ -161,17 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, func, text in (("embed", cmd_embed, "embed a corpus into committed Parquet vectors (resumable)"),
-                             ("rerank", cmd_rerank, "score and rank candidate (query, document) pairs (resumable)"),
-                             ("reindex", cmd_reindex, "publish the next version of an index, embedding only new "
-                              "and changed documents (resumable; for cron)")):
+    for name, (_, text) in JOBS.items():
         job = sub.add_parser(name, help=text)
         job.add_argument("config", help="YAML job config")
         job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set output.path=s3://bucket/v1 (repeatable)")
         job.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no output")
         job.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
-        job.set_defaults(func=func)
+        job.set_defaults(func=cmd_job, runs_ray=True)
 
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
     status = sub.add_parser("status", help="where a job stands (items, rows, rejects, rate, ETA); safe while it runs")
@@ -193,13 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("--json", action="store_true", help="one JSON list instead of text")
     gc.add_argument("--keep", type=int, required=True, help="how many of the newest published versions to keep")
     gc.add_argument("--lock-stale-s", type=float, default=600.0, help="take over an index lock older than this")
+    gc.add_argument("--allow-unconditional-store", action="store_true",
+                    help="run on a store that ignores conditional writes (refused by default; unfenced)")
 
     demo = sub.add_parser("demo", help="generate a sample corpus and run the demo job end to end on local Ray")
     demo.add_argument("--workdir", default=".demo", help="where the corpus, model and output go")
     demo.add_argument("--rows", type=int, default=2000, help="documents in the sample corpus")
     demo.add_argument("--config", default=None, help="job config (default: configs/demo.yaml)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, runs_ray=True)
+    for command in (*(sub.choices[name] for name in JOBS), demo):
+        command.add_argument("--verbose", action="store_true",
+                             help="show Ray's own logs here too (by default they stay in Ray's log directory)")
     return parser
 
 
@@ -207,17 +205,44 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    session = contextlib.nullcontext()
+    if getattr(args, "runs_ray", False):
+        from pipelines.ray_runtime import driver_session
+
+        session = driver_session(verbose=args.verbose)
     try:
-        return func(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        with session:
+            return func(args)
+    except KeyboardInterrupt as stop:
+        return _stopped(stop, job=getattr(args, "runs_ray", False))
     except Exception as exc:  # noqa: BLE001 - user errors become messages, the rest re-raise
+        _end_progress_line()
         user = _user_error(exc)
         if user is None:
             raise
         print(f"embedrank: error: {user}", file=sys.stderr)
         return user.exit_code
+
+
+def _end_progress_line() -> None:
+    progress = sys.modules.get("pipelines.progress")
+    if progress is not None:
+        progress.end_line()
+
+
+def _stopped(stop: KeyboardInterrupt, job: bool) -> int:
+    """SIGINT (Ctrl-C) or SIGTERM: say how far the job got; exit 128 + the signal's number."""
+    import signal
+
+    _end_progress_line()
+    signum = getattr(stop, "signum", signal.SIGINT)
+    progress = sys.modules.get("pipelines.progress")
+    got = progress.current() if job and progress is not None else None
+    how_far = (f"after {got.committed} of {got.total_items} work item(s) ({got.items} in this run)" if got
+               else "before any work item was processed")
+    print(f"embedrank: stopped by {signal.Signals(signum).name} {how_far}; no partial item was committed; "
+          "rerun the same command to resume", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 if __name__ == "__main__":

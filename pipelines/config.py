@@ -1,17 +1,19 @@
-"""The job config schema: typed, strict, validated before any work starts.
+"""What every job's config shares, and loading one: typed, strict, validated before any work starts.
 
-YAML files only fill the schema in; `--set a.b=c` overrides edit the loaded
-mapping before validation, so an override is checked exactly like the file.
+Each job's own schema lives in its package (`pipelines/embed/config.py`, …) and builds on these bases.
+YAML files only fill the schema in; `--set a.b=c` overrides edit the loaded mapping before validation, so an
+override is checked exactly like the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from common.errors import EmbedrankError
 
@@ -20,7 +22,7 @@ class ConfigError(EmbedrankError, ValueError):
     """A user mistake in a config file or an override; the message names file and field."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -29,7 +31,7 @@ class FieldSpec:
     """One column a stage needs: `role` names it downstream; `kind` says how a bad value is rejected.
 
     `id` fields must be non-null (cast to string); `text` fields must be non-empty strings.
-    An id field with no column gets generated ids `<relative path>:<row>`.
+    An id field with no column gets generated ids `<relative path>:<row>` (`GENERATED_IDS`).
     """
 
     role: str
@@ -37,7 +39,15 @@ class FieldSpec:
     kind: Literal["id", "text"]
 
 
-class SourceConfig(_Strict):
+GENERATED_IDS = "common-prefix-relative-path:row"
+"""The id scheme of an id field with no column: `<path relative to the common prefix of every input's folder>:<row>`
+(`pipelines.input.plan`, `pipelines.input.reading`); named in the job fingerprint, so a change of scheme is refused."""
+
+ROW_SETTINGS = ("format", "on_bad_file")
+"""A source's settings besides its `*_column(s)` that change which rows exist or what they carry."""
+
+
+class SourceConfig(Strict):
     """Files of one corpus and how to read them; subclasses say which columns they need."""
 
     paths: list[str] = Field(
@@ -71,48 +81,42 @@ class SourceConfig(_Strict):
     def extra_columns(self) -> list[str]:
         return []
 
+    def id_scheme(self) -> str:
+        """How row ids are made: from the id column(s), or generated from path and row (`GENERATED_IDS`)."""
+        generated = any(fs.kind == "id" and fs.column is None for fs in self.fields())
+        return GENERATED_IDS if generated else "id columns"
 
-class InputConfig(SourceConfig):
-    id_column: str | None = Field(
-        None, description="Column holding document ids; null makes ids `<relative path>:<row>`."
-    )
-    text_column: str = Field("text", description="Column holding the text to embed.")
-    passthrough_columns: list[str] = Field(
-        default_factory=list, description="Input columns copied unchanged into every output row."
-    )
+    def row_settings(self) -> dict[str, Any]:
+        """What a job fingerprint records of this source: every setting that changes which rows exist, which text
+        is read or what a row carries (the format, the bad-file policy, every `*_column(s)` setting) and the id
+        scheme, so that resuming with another value is refused instead of mixing two fields in one output.
 
-    def fields(self) -> list[FieldSpec]:
-        return [FieldSpec("id", self.id_column, "id"), FieldSpec("text", self.text_column, "text")]
-
-    @property
-    def extra_columns(self) -> list[str]:
-        return list(self.passthrough_columns)
-
-
-MODEL_STORAGE_OPTIONS_DESCRIPTION = (
-    "fsspec options for a model.path in object storage (s3://…); null = the input's. Never recorded.")
+        Where the files are (`paths`, `storage_options`) and how work is cut (`rows_per_item`, a join's
+        partitions) are left out: a reindex reads a new snapshot path every run, and the plan's items already
+        check the files."""
+        names = [n for n in type(self).model_fields if n in ROW_SETTINGS or n.endswith(("_column", "_columns"))]
+        return {**{n: getattr(self, n) for n in names}, "id_scheme": self.id_scheme()}
 
 
-BATCH_OVERHEAD_TOKENS_DESCRIPTION = (
-    "What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are cut where padding "
-    "a short row would cost more than a pass of its own. Null = the device's default (48 on CPU, 8192 on GPU)."
-)
+def storage_options_field(options_of: str) -> Any:
+    """The `storage_options` field of a model, output or index section: null means the input's
+    (`JobConfigBase.own_or_input_options`)."""
+    return Field(None, description=f"fsspec options for {options_of}; null = the input's. Never recorded.")
 
 
-class ModelConfig(_Strict):
-    path: str = Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
-                      "of a Qwen3-Embedding model; a URL is fetched once per node into a local cache.")
+def model_path_field(family: str) -> Any:
+    return Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
+                 f"of a {family} model; a URL is fetched once per node into a local cache.")
+
+
+class ModelConfigBase(Strict):
+    """The fields every model section shares: which model, where to fetch it, its precision, its batching.
+
+    Each family declares `path` itself, so that its description names the family."""
+
+    path: str
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    storage_options: dict[str, Any] | None = Field(None, description=MODEL_STORAGE_OPTIONS_DESCRIPTION)
-    dimensions: int | None = Field(
-        None, gt=0, description="MRL: keep the first N dimensions, then re-normalise; null = full size."
-    )
-    instruction: str | None = Field(
-        None,
-        description="Task instruction. Null embeds documents as they are; when set every text is a "
-        "query and is formatted `Instruct: {instruction}\\nQuery:{text}`.",
-    )
-    max_length: int = Field(8192, ge=2, description="Tokens per text, the appended end token included.")
+    storage_options: dict[str, Any] | None = storage_options_field("a model.path in object storage (s3://…)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
@@ -124,29 +128,55 @@ class ModelConfig(_Strict):
     batch_overhead_tokens: int | None = Field(
         None,
         ge=0,
-        description=BATCH_OVERHEAD_TOKENS_DESCRIPTION,
+        description="What one forward pass costs beyond its tokens, in tokens: micro-batches of sorted rows are cut "
+        "where padding a short row would cost more than a pass of its own. Null = the device's default (48 on CPU, "
+        "8192 on GPU).",
     )
 
 
-class OutputConfig(_Strict):
-    path: str = Field(description="Output root (local path or fsspec URL); holds data/, _commits/, _rejects/.")
-    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
-    partition_by: str | None = Field(
-        None,
-        description="A pass-through column whose value names a Hive-style folder of data/: "
-        "`data/<column>=<value>/…`, the value percent-encoded (nulls: __HIVE_DEFAULT_PARTITION__); the column "
-        "stays in the files too. A row whose encoded value exceeds 200 bytes is rejected.",
-    )
-    storage_options: dict[str, Any] | None = Field(
-        None, description="fsspec options for the output filesystem; null = the input's. Never recorded."
-    )
+AUTO = "auto"
 
 
-class ComputeConfig(_Strict):
-    min_replicas: int = Field(1, ge=1, description="Smallest size of the model actor pool.")
-    max_replicas: int = Field(1, ge=1, description="Largest size of the model actor pool (autoscaled).")
+def auto_or(inner: Any) -> Any:
+    """`auto` or a value of `inner` (a constrained type); a bad value fails with `inner`'s own message, named by
+    the field alone (no union branches in the message)."""
+    adapter = TypeAdapter(inner)
+
+    def check(value: Any, handler: Any) -> Any:
+        if value == AUTO:
+            return AUTO
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            message = first["msg"]
+            if first["type"].endswith(("_parsing", "_type")):
+                message = "Input should be 'auto' or " + message.removeprefix("Input should be ")
+            raise PydanticCustomError(first["type"], message.replace("{", "(").replace("}", ")")) from None
+
+    return Annotated[Literal["auto"] | inner, WrapValidator(check)]
+
+
+ReplicaCount = auto_or(Annotated[int, Field(ge=1)])
+CpuCount = auto_or(Annotated[float, Field(gt=0)])
+
+
+class ComputeConfig(Strict):
+    """Actor pool sizing and resources. `auto` values are fitted to the Ray cluster when a run starts
+    (`pipelines.resources`): printed then, recorded in `_job.json`; explicit values always win."""
+
+    min_replicas: ReplicaCount = Field(
+        AUTO, description="Smallest size of the model actor pool; auto = max_replicas on the embedded local Ray "
+        "(the machine is the job's own), else 1 (a shared or autoscaled cluster: the pool grows while work is "
+        "queued).")
+    max_replicas: ReplicaCount = Field(
+        AUTO, description="Largest size of the model actor pool (autoscaled). auto: with num_gpus > 0, one replica "
+        "per num_gpus GPUs that Ray reports; on CPU, the cores the read, tokenize and write tasks leave (one CPU in "
+        "8 stays with them, at least one) in replicas of up to 8 threads. Counted on the nodes present at start.")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica; 0 runs on CPU.")
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
+    num_cpus: CpuCount = Field(
+        AUTO, description="CPUs reserved per model replica (a CPU replica runs this many threads, at least one). "
+        "auto: on CPU, the cores left to replicas divided among them (see max_replicas); with GPUs, 1.")
     estimate_tokens_per_gpu_s: float = Field(
         20_000, gt=0, description="Tokens one GPU replica processes per second, for the dry run's GPU-hours "
         "estimate (measure yours: the run report and progress lines give tokens/s).",
@@ -166,15 +196,25 @@ class ComputeConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _replica_bounds(self) -> "ComputeConfig":
-        if self.max_replicas < self.min_replicas:
+    def _replica_bounds(self) -> ComputeConfig:
+        if AUTO not in (self.min_replicas, self.max_replicas) and self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas ({self.max_replicas}) is smaller than min_replicas ({self.min_replicas})"
             )
         return self
 
+    @property
+    def auto_fields(self) -> list[str]:
+        """The fields still `auto` (none once fitted to a cluster)."""
+        return [f for f in ("min_replicas", "max_replicas", "num_cpus") if getattr(self, f) == AUTO]
 
-class RunConfig(_Strict):
+    @property
+    def replica_cpus(self) -> float:
+        """`num_cpus` as a number: 1 while it is still `auto` (the lifecycle fits it before any replica starts)."""
+        return 1.0 if self.num_cpus == AUTO else self.num_cpus
+
+
+class RunConfig(Strict):
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
     lock_stale_s: float = Field(
         600.0, gt=0, description="A writer lock whose heartbeat is older than this belongs to a dead job and is "
@@ -191,166 +231,43 @@ class RunConfig(_Strict):
     ray_address: str | None = Field(
         None, description="Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."
     )
+    allow_unconditional_store: bool = Field(
+        False, description="Run on an object store that ignores conditional writes (If-None-Match / If-Match), "
+        "which a probe at start detects and refuses by default: writers are then not fenced, so only set it if no "
+        "second driver can ever run on the output."
+    )
 
 
-class EmbedJobConfig(_Strict):
-    input: InputConfig = Field(description="Where the corpus is and how to read it.")
-    model: ModelConfig = Field(description="The embedding model and its semantics.")
-    output: OutputConfig = Field(description="Where committed vectors go.")
+class JobConfigBase(Strict):
+    """What every job shares beyond its sections: a section's `storage_options: null` means the input's, and
+    the model and compute sections give the settings each model replica takes."""
+
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
     run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
 
-    @model_validator(mode="after")
-    def _partition_column_passes_through(self) -> "EmbedJobConfig":
-        column = self.output.partition_by
-        if column is not None and column not in self.input.passthrough_columns:
-            raise ValueError(f"output.partition_by {column!r} must be one of input.passthrough_columns "
-                             f"{list(self.input.passthrough_columns)}")
-        return self
-
-    @property
-    def output_storage_options(self) -> dict[str, Any]:
-        opts = self.output.storage_options
-        return dict(self.input.storage_options if opts is None else opts)
+    def own_or_input_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        """A section's fsspec options: its own, or the input's where it leaves them null (a copy either way)."""
+        return dict(self.input.storage_options if options is None else options)
 
     @property
     def model_storage_options(self) -> dict[str, Any]:
-        opts = self.model.storage_options
-        return dict(self.input.storage_options if opts is None else opts)
-
-
-class IndexConfig(_Strict):
-    path: str = Field(description="Index root (local path or fsspec URL): holds v000001/, v000002/, … and "
-                      "_CURRENT.json, which names the version readers see.")
-    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
-    storage_options: dict[str, Any] | None = Field(
-        None, description="fsspec options for the index filesystem; null = the input's. Never recorded."
-    )
-    diff_partitions: int = Field(
-        16, gt=0, description="Hash partitions of the joins on id (snapshot vs current version) run on the cluster.",
-    )
-
-
-class ReindexJobConfig(_Strict):
-    """A scheduled reindex: the next version of an index from a new snapshot of the corpus."""
-
-    input: InputConfig = Field(description="The new snapshot of the corpus; input.id_column is required.")
-    model: ModelConfig = Field(description="The embedding model and its semantics.")
-    index: IndexConfig = Field(description="The index root whose next version this run publishes.")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
-    run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
-
-    @model_validator(mode="after")
-    def _needs_ids(self) -> "ReindexJobConfig":
-        if self.input.id_column is None:
-            raise ValueError("input.id_column is required for reindexing: documents are matched across snapshots "
-                             "by id (generated `<file>:<row>` ids would change whenever a row moves)")
-        return self
-
-    @property
-    def index_storage_options(self) -> dict[str, Any]:
-        opts = self.index.storage_options
-        return dict(self.input.storage_options if opts is None else opts)
-
-    def embed_config(self, version_url: str) -> EmbedJobConfig:
-        """The embedding job that builds one version (same fingerprint rules as `embedrank embed`)."""
-        return EmbedJobConfig(
-            input=self.input, model=self.model, compute=self.compute, run=self.run,
-            output=OutputConfig(path=version_url, vector_dtype=self.index.vector_dtype,
-                                storage_options=self.index_storage_options),
-        )
-
-
-DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-
-
-class RerankInputConfig(SourceConfig):
-    query_id_column: str = Field("query_id", description="Column holding query ids.")
-    query_column: str = Field("query", description="Column holding query texts.")
-    doc_id_column: str = Field("doc_id", description="Column holding candidate document ids.")
-    text_column: str | None = Field(
-        "text", description="Column holding candidate document texts; null when `documents` supplies them."
-    )
-
-    def fields(self) -> list[FieldSpec]:
-        fields = [FieldSpec("query_id", self.query_id_column, "id"), FieldSpec("query", self.query_column, "text"),
-                  FieldSpec("doc_id", self.doc_id_column, "id")]
-        return fields + ([FieldSpec("text", self.text_column, "text")] if self.text_column else [])
-
-
-class DocumentsConfig(SourceConfig):
-    id_column: str = Field("doc_id", description="Column holding document ids (joined with input.doc_id_column).")
-    text_column: str = Field("text", description="Column holding document texts.")
-    join_partitions: int = Field(16, gt=0, description="Hash partitions of the candidates ⋈ documents join.")
-
-    def fields(self) -> list[FieldSpec]:
-        return [FieldSpec("doc_id", self.id_column, "id"), FieldSpec("text", self.text_column, "text")]
-
-
-class RerankModelConfig(_Strict):
-    path: str = Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
-                      "of a Qwen3-Reranker model; a URL is fetched once per node into a local cache.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    storage_options: dict[str, Any] | None = Field(None, description=MODEL_STORAGE_OPTIONS_DESCRIPTION)
-    instruction: str = Field(DEFAULT_RERANK_INSTRUCTION, description="Task instruction of the `<Instruct>:` line.")
-    max_length: int = Field(8192, ge=64, description="Tokens per pair, template included; documents are cut.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."
-    )
-    max_batch_tokens: int = Field(
-        16384, gt=0, description="Token budget of one forward pass, padding counted (rows × longest row)."
-    )
-    batch_overhead_tokens: int | None = Field(
-        None,
-        ge=0,
-        description=BATCH_OVERHEAD_TOKENS_DESCRIPTION,
-    )
-    share_prefix: bool = Field(
-        True, description="Compute each query's shared prompt prefix once and reuse its KV cache."
-    )
-
-
-class RerankOutputConfig(_Strict):
-    path: str = Field(description="Output root (local path or fsspec URL).")
-    top_k: int | None = Field(None, gt=0, description="Keep only the best k candidates per query; null = all.")
-    rank_buckets: int = Field(
-        16, gt=0, description="Queries are hashed into this many buckets for ranking; a bucket is committed whole."
-    )
-    storage_options: dict[str, Any] | None = Field(
-        None, description="fsspec options for the output filesystem; null = the input's. Never recorded."
-    )
-
-
-class RerankJobConfig(_Strict):
-    input: RerankInputConfig = Field(description="The candidate pairs: one (query, document) pair a row.")
-    documents: DocumentsConfig | None = Field(
-        None, description="Document texts by id, joined to the candidates on the cluster; null = texts inline."
-    )
-    model: RerankModelConfig = Field(description="The reranker model.")
-    output: RerankOutputConfig = Field(description="Where committed scores and ranks go.")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Actor pool sizing and resources.")
-    run: RunConfig = Field(default_factory=RunConfig, description="Driver behaviour.")
-
-    @model_validator(mode="after")
-    def _one_text_source(self) -> "RerankJobConfig":
-        if self.documents is None and self.input.text_column is None:
-            raise ValueError("input.text_column is null, so `documents` must say where document texts are")
-        if self.documents is not None and self.input.text_column is not None:
-            raise ValueError("with `documents`, set input.text_column: null (texts come from the documents)")
-        return self
+        return self.own_or_input_options(self.model.storage_options)
 
     @property
     def output_storage_options(self) -> dict[str, Any]:
-        opts = self.output.storage_options
-        return dict(self.input.storage_options if opts is None else opts)
+        """Of the `output` section (embed, rerank; a reindex writes to its `index`)."""
+        return self.own_or_input_options(self.output.storage_options)
 
-    @property
-    def model_storage_options(self) -> dict[str, Any]:
-        opts = self.model.storage_options
-        return dict(self.input.storage_options if opts is None else opts)
+    def _replica_fields(self, model_digest: str | None) -> dict[str, Any]:
+        """The `ReplicaSettings` fields; `model_digest`: the fingerprint's, which a URL model must still have."""
+        m, c = self.model, self.compute
+        return {"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
+                "num_cpus": c.replica_cpus, "max_batch_tokens": m.max_batch_tokens,
+                "batch_overhead_tokens": m.batch_overhead_tokens, "storage_options": self.model_storage_options,
+                "model_digest": model_digest}
 
 
-JobConfig = TypeVar("JobConfig", EmbedJobConfig, RerankJobConfig, ReindexJobConfig)
+JobConfig = TypeVar("JobConfig", bound=BaseModel)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -380,7 +297,7 @@ def _format_errors(source: str, error: ValidationError) -> str:
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...] = (),
-                schema: type[JobConfig] = EmbedJobConfig) -> JobConfig:
+                *, schema: type[JobConfig]) -> JobConfig:
     """Read YAML, apply overrides, validate; every failure is a ConfigError naming the file and field."""
     path = pathlib.Path(path)
     try:

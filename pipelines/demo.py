@@ -18,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import load_config
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.verify import read_committed, verify_output
+from pipelines.output.reader import read_committed
+from pipelines.output.verify import verify_output
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 WORDS = ("ray data embeds every shard of the corpus exactly once while replicas of the model run "
@@ -79,7 +81,7 @@ def run_demo(workdir: str, rows: int = 2000, config: str | None = None, override
     write_sample_corpus(corpus, rows)
     cfg = load_config(config or DEFAULT_CONFIG,
                       [f"input.paths=[{corpus / '*.parquet'}]", f"output.path={work / f'output-{rows}'}",
-                       *overrides])
+                       *overrides], schema=EmbedJobConfig)
     if not hub_reachable(cfg.model.path):
         from actors.random_qwen import build_random_qwen3
 

@@ -1,4 +1,7 @@
-"""The job fingerprint: everything that changes the vectors, so two models never mix in one output."""
+"""Job fingerprints: everything that changes the output, so two models never mix in one output.
+
+What every job shares is here (the model's identity, the id, the refusal message); each job adds its own keys,
+and its sources' settings that change rows (`SourceConfig.row_settings`) as nested sections."""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import json
 import os
 from typing import Any
 
-from pipelines import __version__
-from pipelines.config import EmbedJobConfig, RerankJobConfig
+from actors.settings import dtype_name
+from pipelines.config import JobConfigBase
 
 
 def _local_model_digest(path: str) -> str | None:
@@ -38,52 +41,31 @@ def model_digest(path: str, storage_options: dict[str, Any] | None = None) -> st
     return _local_model_digest(path)
 
 
-def resolved_dtype(dtype: str, num_gpus: float) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if num_gpus > 0 else "float32"
-
-
-def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
+def model_identity(cfg: JobConfigBase) -> dict[str, Any]:
+    """Which weights compute, in which precision: the fingerprint keys every task shares. A job's fingerprint
+    (`pipelines/<job>/job.py`) adds what else changes its output, and `embedrank_version`."""
     m = cfg.model
-    return {
-        "task": "embed",
-        "model": m.path,
-        "revision": m.revision,
-        "model_digest": model_digest(m.path, cfg.model_storage_options),
-        "dtype": resolved_dtype(m.dtype, cfg.compute.num_gpus),
-        "pooling": "last_token",
-        "normalization": "l2",
-        "dimensions": m.dimensions,
-        "instruction": m.instruction,
-        "max_length": m.max_length,
-        "vector_dtype": cfg.output.vector_dtype,
-        "partition_by": cfg.output.partition_by,
-        "embedrank_version": __version__,
-    }
-
-
-def rerank_fingerprint(cfg: RerankJobConfig) -> dict[str, Any]:
-    m = cfg.model
-    return {
-        "task": "rerank",
-        "model": m.path,
-        "revision": m.revision,
-        "model_digest": model_digest(m.path, cfg.model_storage_options),
-        "dtype": resolved_dtype(m.dtype, cfg.compute.num_gpus),
-        "score": "softmax(no, yes) at the last position",
-        "instruction": m.instruction,
-        "max_length": m.max_length,
-        "top_k": cfg.output.top_k,
-        "rank_buckets": cfg.output.rank_buckets,
-        "embedrank_version": __version__,
-    }
+    return {"model": m.path, "revision": m.revision, "model_digest": model_digest(m.path, cfg.model_storage_options),
+            "dtype": dtype_name(m.dtype, on_gpu=cfg.compute.num_gpus > 0)}
 
 
 def fingerprint_id(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _flatten(fingerprint: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections (`input`, `documents`) as dotted keys, so a difference names the setting as a config does."""
+    flat: dict[str, Any] = {}
+    for key, value in fingerprint.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Each setting that differs, `input.text_column: 'body' → 'title'`: what a refused resume names."""
+    old, new = _flatten(old), _flatten(new)
     keys = sorted(set(old) | set(new))
     return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))

@@ -1,37 +1,145 @@
-"""The part every job shares: plan → prepare the output → stream work items through a graph → commit.
+"""One job lifecycle, shared by every job: preflight → plan → dry run → lock → process items → after-items
+step → close → summary.
 
-A job supplies its fingerprint and a function that builds its Ray Data graph
-over the items still to do; this module owns resume, the commit loop, progress
-and the completeness check.
+A job is a small `JobSpec`: its config type, its preflight, its plan, what a run under the lock processes
+(`Work`: the output root, the fingerprint, the graph builder) and what happens once every item is committed
+(rerank ranks; reindex publishes). This module owns the rest: the lock, resume, the commit loop, progress,
+the completeness check, `_SUCCESS`, the report and the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TextIO
+from typing import Any, ClassVar, TextIO
 
-from pipelines.output.root import Committer, OutputRoot
-from pipelines.config import RunConfig, SourceConfig
 from common.errors import OutputError
+from pipelines.config import ComputeConfig, RunConfig, SourceConfig
 from pipelines.fingerprint import fingerprint_id
-from pipelines.input.plan import Plan, WorkItem
-from pipelines.progress import Progress
+from pipelines.input.plan import Plan, WorkItem, make_plan
 from pipelines.input.reading import read_item
-from pipelines.watchdog import iter_batches_watched
+from pipelines.output.committer import Committer
+from pipelines.output.lock import OutputLock
 from pipelines.output.pieces import write_file_reject
+from pipelines.output.records import ItemCommit, Piece, Totals
+from pipelines.output.report import REPORT_FILE, write_report
+from pipelines.output.root import OutputRoot
+from pipelines.progress import Progress
+from pipelines.ray_runtime import stop_deferred, stream_rows
+from pipelines.resources import dry_run_compute, fit_compute
+from pipelines.storage import Storage
+
+
+@dataclasses.dataclass
+class Work:
+    """What one run processes, decided under the lock: where it commits and how its graph is built."""
+
+    root: OutputRoot
+    source: SourceConfig
+    fingerprint: dict[str, Any]
+    build_graph: Callable[[list[WorkItem]], Any]
+    reused: dict[str, ItemCommit] = dataclasses.field(default_factory=dict)
+    """Commit records written as they are, without processing (a reindex's unchanged items)."""
+    before_new_work: Callable[[], Any] | None = None
+    reject_id_columns: tuple[str, ...] = ("id",)
+    state: Any = None
+    """Whatever the job's own steps pass each other (a reindex: its base, target version and diff counts)."""
 
 
 @dataclasses.dataclass
 class ItemsOutcome:
     fingerprint_id: str
     progress: Progress
-    commits: dict[str, dict[str, Any]]
+    commits: dict[str, ItemCommit]
     """Every item's commit record, earlier runs' and this run's (no second listing of `_commits/`)."""
+    before: frozenset[str] = frozenset()
+    """Items already committed when this run started."""
 
 
-def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[dict[str, Any]]:
+class JobSpec:
+    """A job as the lifecycle runs it. Subclasses fill in the steps; `run` is the job's entry point."""
+
+    name: ClassVar[str]
+    """The job's command and progress label."""
+    config_type: ClassVar[type]
+
+    def preflight(self, cfg: Any) -> None:
+        """Checks that need no Ray (the model exists and fits the settings)."""
+
+    def plan(self, cfg: Any, stream: TextIO) -> Plan:
+        plan = make_plan(cfg.input)
+        print(plan.describe(), file=stream, flush=True)
+        return plan
+
+    def describe_dry_run(self, cfg: Any, stream: TextIO) -> None:
+        """What a dry run prints besides the plan and the estimate."""
+
+    def lock_storage(self, cfg: Any) -> Storage:
+        raise NotImplementedError
+
+    def prepare(self, cfg: Any, plan: Plan, stream: TextIO) -> Work | dict[str, Any]:
+        """Under the lock: the work of this run, or a finished summary when there is nothing to do."""
+        raise NotImplementedError
+
+    def after_items(self, cfg: Any, work: Work, outcome: ItemsOutcome, stream: TextIO) -> Totals:
+        """Once every item is committed (rank, carry bookkeeping); returns the run's totals."""
+        return Totals.of(outcome.commits.values())
+
+    def after_close(self, cfg: Any, work: Work, outcome: ItemsOutcome, totals: Totals,
+                    stream: TextIO) -> dict[str, Any] | None:
+        """After `_SUCCESS` (publish); a summary of its own replaces the default one."""
+        return None
+
+    def output_url(self, cfg: Any) -> str:
+        return cfg.output.path
+
+    def run(self, cfg: Any, *, dry_run: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+        """Run (or resume) the job; returns its summary. Progress and summary go to `stream` (stderr)."""
+        return run_job(self, cfg, dry_run=dry_run, stream=stream or sys.stderr)
+
+
+def recorded_config(cfg: Any) -> dict[str, Any]:
+    """The config as stored in `_job.json`: storage options (credentials) are never written."""
+    data = cfg.model_dump(mode="json")
+    for section in data.values():
+        if isinstance(section, dict):
+            section.pop("storage_options", None)
+    return data
+
+
+def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[str, Any]:
+    spec.preflight(cfg)
+    plan = spec.plan(cfg, stream)
+    if dry_run:
+        spec.describe_dry_run(cfg, stream)
+        return dry_run_summary(plan, dry_run_compute(cfg), stream)
+    cfg = fit_compute(cfg, stream)  # `auto` decided, impossible requests refused: before any output is touched
+    with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
+                    allow_unconditional=cfg.run.allow_unconditional_store), \
+            stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand
+        work = spec.prepare(cfg, plan, stream)
+        if isinstance(work, dict):
+            return work
+        outcome = process_items(plan=plan, work=work, recorded=recorded_config(cfg), run=cfg.run, label=spec.name,
+                                stream=stream)
+        totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
+                                     wall_s=round(outcome.progress.elapsed, 3))
+        removed = close_output(work.root, outcome.commits, totals)
+        own = spec.after_close(cfg, work, outcome, totals, stream)
+    return own if own is not None else summarize(outcome, totals, spec.output_url(cfg), stream, removed)
+
+
+def dry_run_summary(plan: Plan, compute: ComputeConfig, stream: TextIO) -> dict[str, Any]:
+    """`--dry-run`: the plan's figures plus its GPU-hour and cost estimate (the plan itself is printed already)."""
+    figures, line = plan.estimate(compute.estimate_tokens_per_gpu_s, compute.estimate_usd_per_gpu_hour,
+                                  compute.max_replicas)
+    print(line, file=stream, flush=True)
+    return {**plan.summary(), **figures}
+
+
+def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[ItemCommit]:
     """JSONL items that produced no piece may be empty files; those commit with no rows."""
     for state in list(committer.pending.values()):
         if state.rows is None and not state.pieces and read_item(state.item, source).num_rows == 0:
@@ -39,61 +147,75 @@ def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[dict
     return committer.commit_empty()
 
 
-def process_items(*, plan: Plan, source: SourceConfig, root: OutputRoot, fingerprint: dict[str, Any],
-                  recorded_config: dict[str, Any], run: RunConfig,
-                  build_graph: Callable[[list[WorkItem]], Any], label: str, stream: TextIO | None = None,
-                  before_new_work: Callable[[], None] | None = None,
-                  reject_id_columns: tuple[str, ...] = ("id",),
-                  reused: dict[str, dict[str, Any]] | None = None) -> ItemsOutcome:
-    """Commit every item of `plan` (made from `source`) exactly once, resuming from what is already committed.
-
-    `reused` maps item ids to commit records written as they are, without processing (a reindex's unchanged
-    items, naming an older version's files)."""
-    stream = stream or sys.stderr
-    fp_id = fingerprint_id(fingerprint)
-    existing = root.prepare(fingerprint, fp_id, plan.items, recorded_config)
-    fresh = [record for item, record in (reused or {}).items() if item not in existing]
+def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
+                  stream: TextIO) -> ItemsOutcome:
+    """Commit every item of `plan` exactly once, resuming from what is already committed."""
+    root = work.root
+    fp_id = fingerprint_id(work.fingerprint)
+    existing = root.prepare(work.fingerprint, fp_id, plan.items, recorded)
+    before = frozenset(existing)
+    fresh = [record for item, record in work.reused.items() if item not in existing]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(root.write_commit, fresh))
-    existing.update({r["item"]: r for r in fresh})
+        fresh = list(pool.map(root.write_commit, fresh))
+    existing.update({r.item: r for r in fresh})
     todo = [i for i in plan.items if i.item_id not in existing]
     print(f"resume: {len(existing)} item(s) already committed, {len(todo)} to process", file=stream, flush=True)
-    if todo and before_new_work is not None:
-        before_new_work()
+    if todo and work.before_new_work is not None:
+        work.before_new_work()
 
     committer = Committer(root, fp_id, todo)
     progress = Progress(len(plan.items), len(existing), plan.known_rows, run.progress_interval_s, stream, label)
     commits = dict(existing)
 
-    def record(commit: dict[str, Any]) -> None:
-        commits[commit["item"]] = commit
+    def record(commit: ItemCommit) -> None:
+        commits[commit.item] = commit
         progress.update(commit)
 
     for commit in committer.commit_empty():
         record(commit)
     for commit in committer.commit_bad_files(
-            lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, fingerprint,
-                                           reject_id_columns)):
+            lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, work.fingerprint,
+                                           work.reject_id_columns)):
         record(commit)
     if committer.pending:
-        from pipelines.ray_runtime import ensure_ray, quiet_ray_data
-
-        ensure_ray(run.ray_address)
-        quiet_ray_data()
-        ds = build_graph([s.item for s in committer.pending.values()])
-        for batch in iter_batches_watched(ds, run.stall_timeout_s, run.startup_timeout_s,
-                                          batch_format="pyarrow", batch_size=None):
-            for piece in batch.to_pylist():
-                commit = committer.add(piece)
-                if commit is not None:
-                    record(commit)
-    for commit in _commit_empty_jsonl(committer, source):
+        pending = [s.item for s in committer.pending.values()]
+        for row in stream_rows(lambda: work.build_graph(pending), run):
+            commit = committer.add(Piece.from_row(row))
+            if commit is not None:
+                record(commit)
+    for commit in _commit_empty_jsonl(committer, work.source):
         record(commit)
+    progress.close()
     if committer.pending:
-        unfinished = committer.group_unfinished()
+        unfinished = committer.unfinished()
         example = next(iter(unfinished.items()))
         raise OutputError(
             f"{len(unfinished)} work item(s) did not complete (e.g. {example[0]} with pieces {example[1]}); "
             "nothing partial was committed; rerun the same command to resume"
         )
-    return ItemsOutcome(fp_id, progress, commits)
+    return ItemsOutcome(fp_id, progress, commits, before)
+
+
+def close_output(root: OutputRoot, commits: dict[str, ItemCommit], totals: Totals) -> list[str]:
+    """End of a run, lock held: drop orphans, write `_SUCCESS` and the report; returns the orphans removed."""
+    removed = root.remove_orphans(commits)
+    root.write_success(totals)
+    write_report(root, commits, totals.wall_s)
+    return removed
+
+
+def summarize(outcome: ItemsOutcome, totals: Totals, output: str, stream: TextIO,
+              removed: list[str]) -> dict[str, Any]:
+    outcome.progress.print_line()
+    summary = {**outcome.progress.summary(), "output": output, "totals": totals.to_json()}
+    reasons = ", ".join(f"{r}={n}" for r, n in totals.reject_reasons.items()) or "none"
+    print(f"done: {summary['items_processed']} item(s) processed, {summary['items_skipped']} skipped · "
+          f"{totals.rows:,} rows committed · {totals.rejected:,} rejected ({reasons}) · "
+          f"{totals.tokens:,} tokens · {outcome.progress.elapsed:.1f}s · output {output}",
+          file=stream, flush=True)
+    if totals.rejected_files:
+        print(f"WARNING: {len(totals.rejected_files)} file(s) rejected whole (see _rejects/): "
+              + ", ".join(f"{f['file']} ({f['reason']})" for f in totals.rejected_files), file=stream, flush=True)
+    print(f"report: {output.rstrip('/')}/{REPORT_FILE}", file=stream, flush=True)
+    summary["orphans_removed_at_end"] = len(removed)
+    return summary

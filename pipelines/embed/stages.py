@@ -11,10 +11,14 @@ from typing import Any
 import pyarrow as pa
 
 from actors.tokenize import tokenize_batch
-from pipelines.config import InputConfig
+from common.columns import ID, ITEM_JSON, READ_BOOKKEEPING, TOKENIZED
+from pipelines.embed.config import InputConfig
 from pipelines.input.reading import read_items
+from pipelines.stages import EVERY_COLUMN, stage
 
 
+@stage(needs=(ITEM_JSON,), adds=(ID, *READ_BOOKKEEPING, *TOKENIZED), drops=EVERY_COLUMN)
 def read_and_tokenize(batch: pa.Table, cfg: InputConfig, tokenizer: dict[str, Any]) -> pa.Table:
-    """One planned item in, its rows out with token ids (rejected rows carry none)."""
+    """One planned item in, its rows out with token ids (rejected rows carry none) and the input's pass-through
+    columns (which the graph adds to the declaration from the config)."""
     return tokenize_batch(read_items(batch, cfg), **tokenizer)

@@ -1,7 +1,8 @@
 """Planning: input shards → deterministic work items, the unit of commit and resume.
 
 A work item is `(file, row_start, row_end)` with an id hashed from the file's
-relative path, version and the range, so the same input always plans the same
+relative path (relative to the common prefix of every input's folder, so unique
+across globs), version and the range, so the same input always plans the same
 items. Parquet footers give row counts and let big files split at row-group
 boundaries; JSONL files are one item each and their row count is learnt when read.
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 
-from pipelines.config import SourceConfig
 from common.errors import InputError
+from pipelines.config import SourceConfig
 from pipelines.input.parquet_io import CorruptFile, read_metadata
 from pipelines.storage import InputFile, expand_inputs
 
@@ -70,6 +72,11 @@ class Plan:
     @property
     def est_tokens(self) -> int:
         return sum(i.est_tokens for i in self.items)
+
+    def item_order(self) -> dict[str, int]:
+        """Each item's position in file order (files sorted by URL, then row ranges): with a row index, what
+        "first" means where a row's key appears twice (rerank keeps the first of duplicate pairs)."""
+        return {item.item_id: n for n, item in enumerate(self.items)}
 
     def summary(self) -> dict[str, Any]:
         return {"dry_run": True, "files": len(self.files), "items": len(self.items), "rows": self.known_rows,
@@ -158,9 +165,37 @@ def _plan_jsonl(f: InputFile) -> list[WorkItem]:
     return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN))]
 
 
+def _without_protocol(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def _folder(f: InputFile) -> str:
+    """The folder `f.rel` is relative to as listed (its glob's fixed prefix, or the directory given)."""
+    path = _without_protocol(f.url)
+    return path[: -len(f.rel) - 1] if path.endswith("/" + f.rel) else ""
+
+
+def relative_to_common_prefix(files: list[InputFile]) -> list[InputFile]:
+    """`files` with each `rel` relative to the common prefix of every glob's folder, not to its own glob's.
+
+    `rel` is what generated ids (`<rel>:<row>`) and item ids are made of, so it must be unique across globs:
+    `x/2025/*.parquet` and `x/2026/*.parquet` both list `part-0.parquet`, which become `2025/part-0.parquet` and
+    `2026/part-0.parquet`. Inputs of one folder keep the paths relative to it, as before. Local and remote
+    inputs mixed, or two buckets, have no common folder: their `rel` is the whole URL."""
+    folders = sorted({_folder(f) for f in files})
+    if len(folders) <= 1:
+        return files
+    try:
+        common = posixpath.commonpath(folders)
+    except ValueError:  # absolute (local) and bucket-relative (remote) paths mixed
+        common = ""
+    return [dataclasses.replace(f, rel=posixpath.relpath(_without_protocol(f.url), common) if common else f.url)
+            for f in files]
+
+
 def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
     """List, sort and split the input into work items; reads only listings and Parquet footers."""
-    files = expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options)
+    files = relative_to_common_prefix(expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options))
     if cfg.format == "parquet":
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))

@@ -14,10 +14,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import FieldSpec, SourceConfig
+from common.columns import ITEM, ITEM_JSON, ITEM_ROWS, READ_BOOKKEEPING, REJECT, ROW
 from common.errors import InputError
+from pipelines.config import FieldSpec, SourceConfig
 from pipelines.input.parquet_io import CorruptFile, read_row_groups
 from pipelines.input.plan import WorkItem
+from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import open_input
 
 NO_REASON = pa.scalar(None, pa.string())
@@ -25,20 +27,22 @@ NO_REASON = pa.scalar(None, pa.string())
 
 def _finish(item: WorkItem, rows: pa.Table, first_row: int, fields: list[FieldSpec]) -> pa.Table:
     """Blank the texts of rejected rows (no stage may use them) and add the bookkeeping columns."""
-    ok = pc.is_null(rows.column("_reject"))
+    ok = pc.is_null(rows.column(REJECT))
     for fs in fields:
         if fs.kind == "text":
             idx = rows.schema.get_field_index(fs.role)
             rows = rows.set_column(idx, fs.role, pc.if_else(ok, rows.column(idx), NO_REASON))
     n = rows.num_rows
     return (
-        rows.append_column("_item", pa.array([item.item_id] * n, pa.string()))
-        .append_column("_row", pa.array(range(first_row, first_row + n), pa.int64()))
-        .append_column("_item_rows", pa.array([n] * n, pa.int64()))
+        rows.append_column(ITEM, pa.array([item.item_id] * n, pa.string()))
+        .append_column(ROW, pa.array(range(first_row, first_row + n), pa.int64()))
+        .append_column(ITEM_ROWS, pa.array([n] * n, pa.int64()))
     )
 
 
 def _default_ids(item: WorkItem, first_row: int, n: int) -> pa.Array:
+    """Generated ids `<rel>:<row>` (`GENERATED_IDS`): `rel` is relative to the common prefix of every input's
+    folder (`pipelines.input.plan.relative_to_common_prefix`), so ids are unique across globs."""
     return pa.array([f"{item.rel}:{r}" for r in range(first_row, first_row + n)], pa.string())
 
 
@@ -75,7 +79,7 @@ def _read_parquet(item: WorkItem, cfg: SourceConfig) -> pa.Table:
         reason = pc.if_else(pc.is_null(why), reason, why) if why is not NO_REASON else reason
     if not isinstance(reason, (pa.Array, pa.ChunkedArray)):
         reason = pa.nulls(table.num_rows, pa.string())
-    result = pa.table({**{fs.role: out[fs.role] for fs in fields}, "_reject": reason})
+    result = pa.table({**{fs.role: out[fs.role] for fs in fields}, REJECT: reason})
     for col in cfg.extra_columns:
         result = result.append_column(col, table.column(col))
     return _finish(item, result, item.row_start, fields)
@@ -97,7 +101,7 @@ def _reject_unreadable(item: WorkItem, cfg: SourceConfig, bad: CorruptFile) -> p
             except CorruptFile:
                 pass
         out[fs.role] = values
-    result = pa.table({**out, "_reject": pa.array([bad.reason] * n, pa.string())})
+    result = pa.table({**out, REJECT: pa.array([bad.reason] * n, pa.string())})
     for col in cfg.extra_columns:
         result = result.append_column(col, pa.nulls(n))
     return _finish(item, result, item.row_start, fields)
@@ -155,7 +159,7 @@ def _read_jsonl(item: WorkItem, cfg: SourceConfig) -> pa.Table:
         for col in extra:
             extra[col].append(obj.get(col))
     out = pa.table({**{role: pa.array(v, pa.string()) for role, v in values.items()},
-                    "_reject": pa.array(reasons, pa.string())})
+                    REJECT: pa.array(reasons, pa.string())})
     for col, vals in extra.items():
         try:
             out = out.append_column(col, pa.array(vals))
@@ -168,7 +172,15 @@ def read_item(item: WorkItem, cfg: SourceConfig) -> pa.Table:
     return _read_parquet(item, cfg) if item.format == "parquet" else _read_jsonl(item, cfg)
 
 
+@stage(needs=(ITEM_JSON,), adds=READ_BOOKKEEPING, drops=EVERY_COLUMN)
 def read_items(batch: pa.Table, cfg: SourceConfig) -> pa.Table:
-    """Ray Data stage (CPU task): planned items (JSON in column `item`) in, all of their rows out."""
-    tables = [read_item(WorkItem.from_dict(json.loads(s)), cfg) for s in batch.column("item").to_pylist()]
+    """Ray Data stage (CPU task): planned items (JSON in column `item`) in, all of their rows out.
+
+    Its rows have the source's `row_columns` too, which the graph adds to the declaration from the config."""
+    tables = [read_item(WorkItem.from_dict(json.loads(s)), cfg) for s in batch.column(ITEM_JSON).to_pylist()]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def row_columns(cfg: SourceConfig) -> tuple[str, ...]:
+    """The columns a source's rows have besides the bookkeeping: its fields' roles, then its extra columns."""
+    return tuple(fs.role for fs in cfg.fields()) + tuple(cfg.extra_columns)

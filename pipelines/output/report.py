@@ -14,8 +14,9 @@ import html
 import io
 from typing import Any
 
-from pipelines.output.root import SUCCESS_FILE, OutputRoot, sum_histograms, totals
 from common.errors import OutputError
+from pipelines.output.records import ItemCommit, Totals, sum_histograms
+from pipelines.output.root import SUCCESS_FILE, OutputRoot
 
 REPORT_FILE = "_report.html"
 
@@ -41,11 +42,11 @@ def _figure(title: str):
     return fig, ax
 
 
-def _time(commit: dict[str, Any]) -> dt.datetime:
-    return dt.datetime.fromisoformat(commit["committed_at"])
+def _time(commit: ItemCommit) -> dt.datetime:
+    return dt.datetime.fromisoformat(commit.committed_at)
 
 
-def throughput_plot(commits: list[dict[str, Any]], run_started: dt.datetime) -> str:
+def throughput_plot(commits: list[ItemCommit], run_started: dt.datetime) -> str:
     fig, ax = _figure("Rows committed over time")
     ordered = sorted(commits, key=_time)
     if ordered:
@@ -54,7 +55,7 @@ def throughput_plot(commits: list[dict[str, Any]], run_started: dt.datetime) -> 
         unit, scale = ("minutes", 60) if span > 180 else ("seconds", 1)
         times, cumulative, total = [0.0], [0], 0
         for c in ordered:
-            total += c["rows"] + c["rejected"]
+            total += c.rows + c.rejected
             times.append((_time(c) - start).total_seconds() / scale)
             cumulative.append(total)
         ax.step(times, cumulative, where="post", marker=".", ms=4)
@@ -72,11 +73,11 @@ def length_plot(hist: list[int]) -> str:
     return _png(fig)
 
 
-def padding_plot(commits: list[dict[str, Any]]) -> str:
+def padding_plot(commits: list[ItemCommit]) -> str:
     fig, ax = _figure("Padding efficiency per work item (real tokens / tokens computed)")
-    measured = sorted((c for c in commits if c.get("padded_tokens")), key=_time)
+    measured = sorted((c for c in commits if c.padded_tokens), key=_time)
     if measured:
-        ax.plot(range(1, len(measured) + 1), [c["tokens"] / c["padded_tokens"] for c in measured], "o", ms=4)
+        ax.plot(range(1, len(measured) + 1), [c.tokens / c.padded_tokens for c in measured], "o", ms=4)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("work items in commit order")
     else:
@@ -99,27 +100,27 @@ def rejects_plot(reasons: dict[str, int], files: int) -> str:
     return _png(fig)
 
 
-def render(job: dict[str, Any], commits: list[dict[str, Any]], run_totals: dict[str, Any]) -> str:
-    """The report page for a job whose commits are `commits` and whose last run ended with `run_totals`."""
-    sums = totals(commits)
-    tokens = sums["tokens"]
-    padded = sum(c.get("padded_tokens", 0) for c in commits)
+def render(job: dict[str, Any], commits: list[ItemCommit], wall_s: float | None) -> str:
+    """The report page for a job whose commits are `commits` and whose last run took `wall_s` seconds."""
+    sums = Totals.of(commits)
+    tokens = sums.tokens
+    padded = sum(c.padded_tokens for c in commits)
     fp = job["fingerprint"]
     rows = [
         ("task", fp.get("task")), ("model", fp.get("model")), ("revision", fp.get("revision") or "-"),
         ("work items", f"{len(commits):,} of {len(job['items']):,}"),
-        ("rows committed", f"{sums['rows']:,}"),
-        ("rows rejected", f"{sums['rejected']:,}"),
-        ("files rejected whole", ", ".join(f"{f['file']} ({f['reason']})" for f in sums["rejected_files"]) or "none"),
+        ("rows committed", f"{sums.rows:,}"),
+        ("rows rejected", f"{sums.rejected:,}"),
+        ("files rejected whole", ", ".join(f"{f['file']} ({f['reason']})" for f in sums.rejected_files) or "none"),
         ("tokens", f"{tokens:,}"),
         ("padding efficiency", f"{tokens / padded:.1%} ({padded:,} tokens computed)" if padded else "not measured"),
-        ("last run wall time", f"{run_totals.get('wall_s', 0):,.1f} s"),
+        ("last run wall time", f"{wall_s or 0:,.1f} s"),
         ("report written", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
     ]
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     plots = [("throughput", throughput_plot(commits, dt.datetime.fromisoformat(job["updated_at"]))),
-             ("lengths", length_plot(sum_histograms(c.get("length_hist", []) for c in commits))),
-             ("padding", padding_plot(commits)), ("rejects", rejects_plot(sums["reject_reasons"], len(sums["rejected_files"])))]
+             ("lengths", length_plot(sum_histograms(c.length_hist for c in commits))),
+             ("padding", padding_plot(commits)), ("rejects", rejects_plot(sums.reject_reasons, len(sums.rejected_files)))]
     images = "\n".join(f'<figure><img id="{name}" alt="{name}" src="data:image/png;base64,{data}"></figure>'
                        for name, data in plots)
     return f"""<!doctype html>
@@ -133,12 +134,12 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head>
 """
 
 
-def write_report(root: OutputRoot, commits: dict[str, dict], run_totals: dict[str, Any]) -> str:
+def write_report(root: OutputRoot, commits: dict[str, ItemCommit], wall_s: float | None) -> str:
     """Render and store `_report.html`; returns its path relative to the output."""
     job = root.read_job()
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; nothing to report")
-    root.storage.write_bytes(REPORT_FILE, render(job, list(commits.values()), run_totals).encode())
+    root.storage.write_bytes(REPORT_FILE, render(job, list(commits.values()), wall_s).encode())
     return REPORT_FILE
 
 
@@ -147,5 +148,4 @@ def rebuild_report(root: OutputRoot) -> str:
     job = root.read_job()
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; not an embedrank output")
-    commits = root.read_commits([i["item_id"] for i in job["items"]])
-    return write_report(root, commits, root.read_json(SUCCESS_FILE) or {})
+    return write_report(root, root.read_planned_commits(), (root.read_json(SUCCESS_FILE) or {}).get("wall_s"))

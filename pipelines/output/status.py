@@ -10,9 +10,10 @@ import datetime as dt
 import time
 from typing import Any
 
-from pipelines.output.root import JOB_FILE, SUCCESS_FILE, OutputRoot, totals
 from common.errors import OutputError
 from pipelines.output.lock import LOCK_FILE, owner_gone
+from pipelines.output.records import Totals
+from pipelines.output.root import JOB_FILE, SUCCESS_FILE, OutputRoot
 from pipelines.progress import format_duration
 from pipelines.storage import Storage
 
@@ -59,24 +60,24 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     if job is None:
         raise OutputError(f"{output}: no _job.json; not an embedrank output (or nothing was run yet)")
     items = job["items"]
-    commits = list(root.read_commits([i["item_id"] for i in items]).values())
+    commits = list(root.read_planned_commits().values())
     lock = lock_root.read_json(LOCK_FILE)
     state, heartbeat_age = _state(root, job, lock)
-    sums = totals(commits)
+    sums = Totals.of(commits)
     planned_rows = sum(i["row_end"] - i["row_start"] for i in items if i["row_end"] is not None)
-    done_rows = sum(c["rows"] + c["rejected"] for c in commits)
+    done_rows = sum(c.rows + c.rejected for c in commits)
     run_started = _when(job["updated_at"])
-    this_run = [c for c in commits if _when(c["committed_at"]) >= run_started]
-    last = max((_when(c["committed_at"]) for c in commits), default=None)
+    this_run = [c for c in commits if _when(c.committed_at) >= run_started]
+    last = max((_when(c.committed_at) for c in commits), default=None)
     rate = None
     if this_run and last and last > run_started:
-        rate = sum(c["rows"] + c["rejected"] for c in this_run) / (last - run_started)
+        rate = sum(c.rows + c.rejected for c in this_run) / (last - run_started)
     remaining = max(planned_rows - done_rows, 0)
     status = {
         "output": output, "task": job["fingerprint"].get("task"), "model": job["fingerprint"].get("model"),
         "state": state, "items_committed": len(commits), "items_total": len(items),
-        "rows": sums["rows"], "rejected": sums["rejected"], "reject_reasons": sums["reject_reasons"],
-        "rejected_files": len(sums["rejected_files"]), "tokens": sums["tokens"], "planned_rows": planned_rows,
+        "rows": sums.rows, "rejected": sums.rejected, "reject_reasons": sums.reject_reasons,
+        "rejected_files": len(sums.rejected_files), "tokens": sums.tokens, "planned_rows": planned_rows,
         "run_started": job["updated_at"],
         "last_commit": dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None,
         "rows_per_s": round(rate, 3) if rate else None,

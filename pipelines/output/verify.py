@@ -1,7 +1,7 @@
-"""Reading committed output and checking the exactly-once invariant.
+"""`embedrank verify`: the exactly-once invariant of an output, checked against its commit records.
 
-Readers never glob `data/`: the committed rows are exactly the files that the
-commits name (item commits for embeddings; rank commits for reranking).
+For input ids I, output ids O and rejected ids R: O ∪ R = I, O ∩ R = ∅, no id twice; every file a commit
+names exists and matches its recorded row count and checksum; no piece file is left that no commit names.
 """
 
 from __future__ import annotations
@@ -16,58 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.output.root import JOB_FILE, SUCCESS_FILE, OutputRoot
-from common.errors import OutputError
-from pipelines.storage import Storage
-from pipelines.output.pieces import PIECE_DIRS
-
-
-def current_version_url(output: str, storage_options: dict[str, Any] | None = None) -> str:
-    """For an index root (`embedrank reindex`), the URL of its current version; any other output, itself.
-
-    Reading through the pointer is what keeps readers off a version that is still being built."""
-    from pipelines.reindex.index import IndexRoot
-
-    index = IndexRoot(Storage(output, storage_options))
-    pointer = None if index.storage.exists(JOB_FILE) else index.current()
-    return index.version_url(pointer["version"]) if pointer else output
-
-
-def _open(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any], dict]:
-    root = OutputRoot(Storage(current_version_url(output, storage_options), storage_options))
-    job = root.read_job()
-    if job is None:
-        raise OutputError(f"{output}: no _job.json; not an embedrank output (or nothing was run yet)")
-    commits = root.read_commits([i["item_id"] for i in job["items"]])
-    return root, job, commits
-
-
-def _is_rerank(job: dict[str, Any]) -> bool:
-    return job["fingerprint"].get("task") == "rerank"
-
-
-def _read(root: OutputRoot, paths: list[str]) -> pa.Table:
-    tables = [pq.read_table(io.BytesIO(root.storage.read_bytes(p))) for p in paths]
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(tables[0].schema.metadata)
-
-
-def read_committed(output: str, storage_options: dict[str, Any] | None = None, *,
-                   rejects: bool = False) -> pa.Table:
-    """All committed rows (or rejects) of an output, or of an index root's current version, as one Table.
-
-    Embedding outputs: id, embedding, n_tokens, truncated, pass-through columns.
-    Rerank outputs: query_id, doc_id, score, rank. Rejects: id column(s), row, reason, item.
-    """
-    root, job, commits = _open(output, storage_options)
-    ordered = [commits[i["item_id"]] for i in job["items"] if i["item_id"] in commits]
-    if not _is_rerank(job):
-        return _read(root, [f["path"] for c in ordered for f in c["rejects" if rejects else "files"]])
-    ranks = [c for _, c in sorted(root.read_rank_commits().items())]
-    if rejects:
-        return _read(root, [f["path"] for c in ordered + ranks for f in c["rejects"]])
-    return _read(root, [f["path"] for c in ranks for f in c["files"]])
+from pipelines.output.reader import is_rerank, open_committed
+from pipelines.output.records import FileRef, ItemCommit
+from pipelines.output.root import SUCCESS_FILE, OutputRoot
 
 
 @dataclasses.dataclass
@@ -80,33 +31,33 @@ class Report:
         return not self.problems
 
 
-def _load_checked(root: OutputRoot, f: dict[str, Any], owner: str, report: Report) -> pa.Table | None:
+def _load_checked(root: OutputRoot, f: FileRef, owner: str, report: Report) -> pa.Table | None:
     """A file a commit names, checked against the commit's checksum and row count."""
     try:
-        data = root.storage.read_bytes(f["path"])
+        data = root.storage.read_bytes(f.path)
     except FileNotFoundError:
-        report.problems.append(f"{f['path']} named by {owner} is missing")
+        report.problems.append(f"{f.path} named by {owner} is missing")
         return None
-    if hashlib.sha256(data).hexdigest() != f["sha256"]:
-        report.problems.append(f"{f['path']}: checksum differs from {owner}")
+    if hashlib.sha256(data).hexdigest() != f.sha256:
+        report.problems.append(f"{f.path}: checksum differs from {owner}")
     table = pq.read_table(io.BytesIO(data))
-    if table.num_rows != f["rows"]:
-        report.problems.append(f"{f['path']}: {table.num_rows} rows, {owner} says {f['rows']}")
+    if table.num_rows != f.rows:
+        report.problems.append(f"{f.path}: {table.num_rows} rows, {owner} says {f.rows}")
     return table
 
 
-def _check_file_reject(root: OutputRoot, commit: dict, report: Report) -> None:
+def _check_file_reject(root: OutputRoot, commit: ItemCommit, report: Report) -> None:
     """A file rejected whole commits no rows and exactly one `_rejects/` marker naming its reason."""
-    owner = f"commit {commit['item']}"
-    if commit["files"] or commit["rows"] or len(commit["rejects"]) != 1:
+    owner = f"commit {commit.item}"
+    if commit.files or commit.rows or len(commit.rejects) != 1:
         report.problems.append(f"{owner} rejects its file whole but names rows or no single marker")
         return
-    table = _load_checked(root, commit["rejects"][0], owner, report)
-    if table is not None and table.column("reason").to_pylist() != [commit["bad_file"]["reason"]]:
-        report.problems.append(f"{owner}: its file-reject marker does not carry the reason {commit['bad_file']}")
+    table = _load_checked(root, commit.rejects[0], owner, report)
+    if table is not None and table.column("reason").to_pylist() != [commit.bad_file.reason]:
+        report.problems.append(f"{owner}: its file-reject marker does not carry the reason {commit.bad_file}")
 
 
-def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rerank: bool,
+def _check_items(root: OutputRoot, job: dict, commits: dict[str, ItemCommit], report: Report, rerank: bool,
                  counts: collections.Counter) -> collections.Counter:
     """Every planned item committed; its files tile it; returns how often each row key was seen."""
     keys: collections.Counter = collections.Counter()
@@ -116,17 +67,17 @@ def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rer
             report.problems.append(f"item {item['item_id']} ({item['rel']}) is not committed")
             continue
         counts["committed_items"] += 1
-        if commit["fingerprint_id"] != job["fingerprint_id"]:
+        if commit.fingerprint_id != job["fingerprint_id"]:
             report.problems.append(f"commit {item['item_id']} has another fingerprint")
-        if commit.get("bad_file"):
+        if commit.bad_file:
             _check_file_reject(root, commit, report)
             counts["rejected_files"] += 1
             continue
-        expected = commit["row_end"] - commit["row_start"]
+        expected = commit.row_end - commit.row_start
         if item["row_end"] is not None and expected != item["row_end"] - item["row_start"]:
             report.problems.append(f"commit {item['item_id']} covers {expected} rows, the plan says otherwise")
         seen = 0
-        for kind, files in (("rows", commit["files"]), ("rejected", commit["rejects"])):
+        for kind, files in (("rows", commit.files), ("rejected", commit.rejects)):
             for f in files:
                 table = _load_checked(root, f, f"commit {item['item_id']}", report)
                 if table is None:
@@ -143,24 +94,24 @@ def _check_items(root: OutputRoot, job: dict, commits: dict, report: Report, rer
     return keys
 
 
-def _check_ranks(root: OutputRoot, job: dict, report: Report, counts: collections.Counter) -> list[dict]:
+def _check_ranks(root: OutputRoot, job: dict, report: Report, counts: collections.Counter) -> None:
     ranks = list(root.read_rank_commits().values())
     top_k = job["fingerprint"].get("top_k")
     tables = []
     for c in ranks:
-        for f in c["files"]:
-            t = _load_checked(root, f, f"rank commit {c['bucket']}", report)
+        for f in c.files:
+            t = _load_checked(root, f, f"rank commit {c.bucket}", report)
             if t is not None:
                 tables.append(t.select(["query_id", "doc_id", "rank"]))
-        for f in c["rejects"]:
-            _load_checked(root, f, f"rank commit {c['bucket']}", report)
-    counts["ranked_rows"] = sum(c["rows"] for c in ranks)
-    counts["duplicate_pairs"] = sum(c["rejected"] for c in ranks)
-    if sum(c["scored"] for c in ranks) != counts["rows"]:
-        report.problems.append(f"rank commits cover {sum(c['scored'] for c in ranks)} scored pairs of "
+        for f in c.rejects:
+            _load_checked(root, f, f"rank commit {c.bucket}", report)
+    counts["ranked_rows"] = sum(c.rows for c in ranks)
+    counts["duplicate_pairs"] = sum(c.rejected for c in ranks)
+    if sum(c.scored for c in ranks) != counts["rows"]:
+        report.problems.append(f"rank commits cover {sum(c.scored for c in ranks)} scored pairs of "
                                f"{counts['rows']}")
     if not tables:
-        return ranks
+        return
     ranked = pa.concat_tables(tables).sort_by([("query_id", "ascending"), ("rank", "ascending")])
     pairs = collections.Counter(zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist()))
     if any(n > 1 for n in pairs.values()):
@@ -175,24 +126,21 @@ def _check_ranks(root: OutputRoot, job: dict, report: Report, counts: collection
     counts["queries"] = len(starts) - 1
     if top_k is None and counts["ranked_rows"] + counts["duplicate_pairs"] != counts["rows"]:
         report.problems.append("ranked rows + duplicate pairs differ from scored pairs")
-    return ranks
 
 
 def verify_output(output: str, storage_options: dict[str, Any] | None = None) -> Report:
     """Check every planned item is committed once, every named file matches, every row appears once."""
-    root, job, commits = _open(output, storage_options)
-    rerank = _is_rerank(job)
+    root, job, commits = open_committed(output, storage_options)
+    rerank = is_rerank(job)
     report = Report()
     counts: collections.Counter = collections.Counter(items=len(job["items"]))
     keys = _check_items(root, job, commits, report, rerank, counts)
     twice = [k for k, n in keys.items() if n > 1]
     if twice:
         report.problems.append(f"{len(twice)} row(s)/id(s) appear more than once (e.g. {twice[0]!r})")
-    all_commits = list(commits.values())
     if rerank:
-        all_commits += _check_ranks(root, job, report, counts)
-    named = {f["path"] for c in all_commits for f in c["files"] + c["rejects"]}
-    orphans = [p for d in PIECE_DIRS for p in root.storage.list_files(d) if p not in named]
+        _check_ranks(root, job, report, counts)
+    orphans = root.orphans(commits.values())
     counts["orphans"] = len(orphans)
     counts["pending_uploads"] = len(root.storage.pending_uploads())
     if root.storage.exists(SUCCESS_FILE):

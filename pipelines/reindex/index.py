@@ -21,9 +21,10 @@ import posixpath
 import re
 from typing import Any, TextIO
 
-from pipelines.output.root import SUCCESS_FILE, OutputRoot
 from common.errors import OutputError
-from pipelines.storage import Storage
+from pipelines.output.lock import fence
+from pipelines.output.root import SUCCESS_FILE, OutputRoot
+from pipelines.storage import PreconditionFailed, Storage
 
 CURRENT_FILE = "_CURRENT.json"
 REINDEX_FILE = "_reindex.json"
@@ -59,10 +60,16 @@ class IndexRoot:
     def __init__(self, storage: Storage):
         self.storage = storage
         self._json = OutputRoot(storage).read_json
+        self._pointer_seen: tuple[str | None] | None = None
+        """The pointer's version token as this object first read it (None inside: absent); `publish` swaps the
+        pointer only if it is still that one (`If-Match`), i.e. the base this run built its version from."""
 
     def current(self) -> dict[str, Any] | None:
         """The pointer record, or None before the first version is published."""
-        return self._json(CURRENT_FILE)
+        found = self.storage.read_versioned(CURRENT_FILE)
+        if self._pointer_seen is None:
+            self._pointer_seen = (found[1] if found else None,)
+        return json.loads(found[0]) if found else None
 
     def versions(self) -> list[str]:
         return sorted(d for d in self.storage.list_dirs() if _VERSION.match(d))
@@ -77,6 +84,7 @@ class IndexRoot:
         return self._json(f"{name}/{REINDEX_FILE}")
 
     def write_attempt_state(self, name: str, state: dict[str, Any]) -> None:
+        fence(self.storage)
         self.storage.write_bytes(f"{name}/{REINDEX_FILE}", json.dumps(state, indent=1, sort_keys=True).encode())
 
     def discard(self, name: str) -> int:
@@ -84,6 +92,7 @@ class IndexRoot:
         if name == (self.current() or {}).get("version"):
             raise OutputError(f"refusing to discard {name}: it is the current version")
         files = self.storage.list_files(name)
+        fence(self.storage)
         self.storage.delete(files)
         self.storage.delete_tree(name)
         return len(files)
@@ -112,18 +121,28 @@ class IndexRoot:
         state = self.attempt_state(name) or {}
         self.write_attempt_state(name, {**state, "finished_at": _now()})
         pointer = {**record, "version": name, "published_at": _now()}
-        self.storage.write_bytes(CURRENT_FILE, json.dumps(pointer, indent=1, sort_keys=True).encode())
+        data = json.dumps(pointer, indent=1, sort_keys=True).encode()
+        if self._pointer_seen is None:
+            self.current()
+        (seen,) = self._pointer_seen or (None,)
+        fence(self.storage)
+        try:  # the swap: If-Match on the pointer this run read (If-None-Match: * for the first version)
+            etag = self.storage.create(CURRENT_FILE, data) if seen is None else self.storage.replace(
+                CURRENT_FILE, data, seen)
+        except PreconditionFailed:
+            found = self.storage.read_versioned(CURRENT_FILE)
+            if found is None or found[0] != data:  # else: our PUT landed and a retry of it failed
+                raise OutputError(f"refusing to publish {name}: {CURRENT_FILE} changed since this run read it "
+                                  f"(now {json.loads(found[0]).get('version') if found else 'deleted'}); another "
+                                  "writer published meanwhile") from None
+            etag = found[1]
+        self._pointer_seen = (etag,)
         return pointer
 
     def named_files(self, name: str) -> set[str]:
         """Every file (relative to the index root) that the commits of version `name` name."""
-        root = self.version_root(name)
-        job = root.read_job()
-        if job is None:
-            return set()
-        commits = root.read_commits([i["item_id"] for i in job["items"]])
-        return {posixpath.normpath(posixpath.join(name, f["path"]))
-                for c in commits.values() for f in c["files"] + c["rejects"]}
+        commits = self.version_root(name).read_planned_commits()
+        return {posixpath.normpath(posixpath.join(name, path)) for c in commits.values() for path in c.named_paths}
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per version: its state (current, previous, unpublished, collected), rows and diff counts."""
@@ -166,6 +185,7 @@ class IndexRoot:
         for v in dropped:
             files = self.storage.list_files(v)
             doomed = [f for f in files if f not in named]
+            fence(self.storage)
             self.storage.delete(doomed)
             if len(doomed) == len(files):  # nothing of it is named any more: the folder (or its marker) goes too
                 self.storage.delete_tree(v)

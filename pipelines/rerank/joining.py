@@ -12,25 +12,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import DocumentsConfig
+from common.columns import DOC_FOUND, DOC_ID, DOC_REJECT, ITEM_JSON, REJECT, ROW, TEXT
 from pipelines.input.reading import NO_REASON, read_items
+from pipelines.rerank.config import DocumentsConfig
+from pipelines.stages import EVERY_COLUMN, stage
 
-DOC_COLUMNS = ["doc_id", "text", "_doc_reject", "_doc_found"]
 
-
+@stage(needs=(ITEM_JSON,), adds=(DOC_ID, TEXT, DOC_REJECT, DOC_FOUND), drops=EVERY_COLUMN)
 def read_documents(batch: pa.Table, cfg: DocumentsConfig) -> pa.Table:
     """Ray Data stage: planned document items in; (doc_id, text, _doc_reject, _doc_found) out."""
     rows = read_items(batch, cfg)
-    rows = rows.filter(pc.is_valid(rows.column("doc_id")))
-    return pa.table({"doc_id": rows.column("doc_id"), "text": rows.column("text"),
-                     "_doc_reject": rows.column("_reject"),
-                     "_doc_found": pa.array(np.ones(rows.num_rows, dtype=bool))})
+    rows = rows.filter(pc.is_valid(rows.column(DOC_ID)))
+    return pa.table({DOC_ID: rows.column(DOC_ID), TEXT: rows.column(TEXT), DOC_REJECT: rows.column(REJECT),
+                     DOC_FOUND: pa.array(np.ones(rows.num_rows, dtype=bool))})
 
 
+@stage(needs=(ROW, REJECT, TEXT, DOC_REJECT, DOC_FOUND), adds=(TEXT, REJECT), drops=(DOC_REJECT, DOC_FOUND))
 def order_joined_item(group: pa.Table) -> pa.Table:
     """Ray Data stage (map_groups by `_item`): one item's joined rows, in row order, one row per input row."""
-    group = group.sort_by([("_row", "ascending")])
-    rows = group.column("_row").to_numpy()
+    group = group.sort_by([(ROW, "ascending")])
+    rows = group.column(ROW).to_numpy()
     repeated = np.zeros(len(rows), dtype=bool)
     repeated[1:] = rows[1:] == rows[:-1]
     ambiguous = np.zeros(len(rows), dtype=bool)
@@ -38,13 +39,13 @@ def order_joined_item(group: pa.Table) -> pa.Table:
     ambiguous |= repeated
     group = group.filter(pa.array(~repeated))
     ambiguous = ambiguous[~repeated]
-    found = pc.fill_null(group.column("_doc_found"), False)
+    found = pc.fill_null(group.column(DOC_FOUND), False)
     reason = pc.coalesce(
-        group.column("_reject"),
+        group.column(REJECT),
         pc.if_else(pa.array(ambiguous), "duplicate_document", NO_REASON),
         pc.if_else(found, NO_REASON, "unknown_doc"),
-        group.column("_doc_reject"),
+        group.column(DOC_REJECT),
     )
-    text = pc.if_else(pc.is_null(reason), group.column("text"), NO_REASON)
-    group = group.drop_columns(["_reject", "_doc_reject", "_doc_found", "text"])
-    return group.append_column("text", text).append_column("_reject", reason)
+    text = pc.if_else(pc.is_null(reason), group.column(TEXT), NO_REASON)
+    group = group.drop_columns([REJECT, DOC_REJECT, DOC_FOUND, TEXT])
+    return group.append_column(TEXT, text).append_column(REJECT, reason)

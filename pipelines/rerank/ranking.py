@@ -11,22 +11,22 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.storage import Storage
+from common.columns import BUCKET, DOC_ID, ITEM, PATH, QUERY_ID, ROW, SCORE
 from pipelines.output.pieces import DATA_DIR, REJECTS_DIR, put_piece, reject_table
+from pipelines.output.records import RankCommit
+from pipelines.stages import EVERY_COLUMN, stage
+from pipelines.storage import Storage
 
-RANK_RECORD_SCHEMA = pa.schema([
-    ("bucket", pa.int64()), ("data_file", pa.string()), ("data_rows", pa.int64()),
-    ("data_sha256", pa.string()), ("data_bytes", pa.int64()), ("reject_file", pa.string()),
-    ("reject_rows", pa.int64()), ("reject_sha256", pa.string()), ("queries", pa.int64()),
-    ("scored", pa.int64()),
-])
-SCORE_COLUMNS = ["query_id", "doc_id", "score", "_item", "_row"]
+SCORE_COLUMNS = [QUERY_ID, DOC_ID, SCORE, ITEM, ROW]
+FILE_ORDER = "_file_order"
+"""A score row's work item's position in the plan (`Plan.item_order`), inside `rank_table` only."""
 
 
 def bucket_of(query_ids: list[str], buckets: int) -> np.ndarray:
@@ -35,14 +35,15 @@ def bucket_of(query_ids: list[str], buckets: int) -> np.ndarray:
                        count=len(query_ids))
 
 
+@stage(needs=(PATH,), adds=(*SCORE_COLUMNS, BUCKET), drops=EVERY_COLUMN)
 def read_score_files(batch: pa.Table, storage: Storage, buckets: int, skip_buckets: list[int]) -> pa.Table:
     """Ray Data stage: committed score files in, their rows out with `_bucket` (committed buckets dropped)."""
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=SCORE_COLUMNS)
-              for p in batch.column("path").to_pylist()]
+              for p in batch.column(PATH).to_pylist()]
     table = pa.concat_tables(tables).replace_schema_metadata(None)
-    table = table.append_column("_bucket", pa.array(bucket_of(table.column("query_id").to_pylist(), buckets)))
+    table = table.append_column(BUCKET, pa.array(bucket_of(table.column(QUERY_ID).to_pylist(), buckets)))
     if skip_buckets:
-        table = table.filter(pc.invert(pc.is_in(table.column("_bucket"), pa.array(skip_buckets, pa.int64()))))
+        table = table.filter(pc.invert(pc.is_in(table.column(BUCKET), pa.array(skip_buckets, pa.int64()))))
     return table
 
 
@@ -58,13 +59,24 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.dictionary_encode().indices.to_numpy(zero_copy_only=False)
 
 
-def rank_table(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table]:
+def _file_order(items: pa.ChunkedArray | pa.Array, item_order: Mapping[str, int]) -> pa.Array:
+    """Each row's position of its item in file order, looked up once per distinct item."""
+    arr = items.combine_chunks() if isinstance(items, pa.ChunkedArray) else items
+    encoded = arr.dictionary_encode()
+    positions = pa.array([item_order[i] for i in encoded.dictionary.to_pylist()], pa.int64())
+    return positions.take(encoded.indices)
+
+
+def rank_table(table: pa.Table, top_k: int | None, item_order: Mapping[str, int]) -> tuple[pa.Table, pa.Table]:
     """(ranked rows, duplicate rows): one row per (query_id, doc_id), rank 1 = best score within the query.
 
-    Duplicates keep their first occurrence in (item, row) order. Ties in score rank by doc_id.
+    Duplicates keep their first occurrence by file order: the item's position in the plan (`item_order`, item
+    id → position), then the row in its file; item ids are hashes, so their order says nothing. Ties in score
+    rank by doc_id.
     """
-    table = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending"), ("_item", "ascending"),
-                           ("_row", "ascending")])
+    table = table.append_column(FILE_ORDER, _file_order(table.column(ITEM), item_order))
+    table = table.sort_by([(QUERY_ID, "ascending"), (DOC_ID, "ascending"), (FILE_ORDER, "ascending"),
+                           (ROW, "ascending")]).drop_columns([FILE_ORDER])
     q, d = _codes(table.column("query_id")), _codes(table.column("doc_id"))
     dup = np.zeros(table.num_rows, dtype=bool)
     dup[1:] = (q[1:] == q[:-1]) & (d[1:] == d[:-1])
@@ -81,21 +93,20 @@ def rank_table(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table]:
     return ranked, duplicates
 
 
-def rank_bucket(group: pa.Table, storage: Storage, fingerprint: dict, top_k: int | None) -> pa.Table:
+@stage(needs=(*SCORE_COLUMNS, BUCKET), adds=RankCommit.ARROW_SCHEMA.names, drops=EVERY_COLUMN)
+def rank_bucket(group: pa.Table, storage: Storage, fingerprint: dict, top_k: int | None,
+                item_order: Mapping[str, int]) -> pa.Table:
     """Ray Data stage (map_groups): one bucket's scores in; its ranked file written; one record out."""
     bucket = int(group.column("_bucket")[0].as_py())
-    ranked, duplicates = rank_table(group, top_k)
+    ranked, duplicates = rank_table(group, top_k, item_order)
     fp = json.dumps(fingerprint, sort_keys=True)
     stem = f"rank-{bucket:05d}"
-    record = {"bucket": bucket, "data_file": None, "data_rows": 0, "data_sha256": None, "data_bytes": 0,
-              "reject_file": None, "reject_rows": 0, "reject_sha256": None,
-              "queries": len(pc.unique(group.column("query_id"))), "scored": group.num_rows}
-    if ranked.num_rows:
-        path, digest, size = put_piece(storage, DATA_DIR, stem, ranked, fp)
-        record.update(data_file=path, data_rows=ranked.num_rows, data_sha256=digest, data_bytes=size)
+    data = put_piece(storage, DATA_DIR, stem, ranked, fp) if ranked.num_rows else None
+    rejects = None
     if duplicates.num_rows:
         rej = reject_table(duplicates, ["query_id", "doc_id"],
                            pa.array(["duplicate_pair"] * duplicates.num_rows, pa.string()))
-        path, digest, _ = put_piece(storage, REJECTS_DIR, stem, rej, fp)
-        record.update(reject_file=path, reject_rows=duplicates.num_rows, reject_sha256=digest)
-    return pa.Table.from_pylist([record], schema=RANK_RECORD_SCHEMA)
+        rejects = put_piece(storage, REJECTS_DIR, stem, rej, fp)
+    row = RankCommit.row(bucket, data, rejects, queries=len(pc.unique(group.column("query_id"))),
+                         scored=group.num_rows)
+    return pa.Table.from_pylist([row], schema=RankCommit.ARROW_SCHEMA)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from actors.embedder import EmbedReplica, Embedder
+from actors.embedder import Embedder, EmbedReplica
+from actors.settings import EmbedSettings
 from actors.tokenize import TextTokenizer, TokenizeBatch, ids_to_arrow
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -126,7 +127,8 @@ def test_replica_stages_turn_rows_into_vectors_and_skip_rejects(tiny_embedding_m
                       "_reject": [None, "null_text", None]})
     tokenized = TokenizeBatch(TextTokenizer(str(tiny_embedding_model), None, 8192, None))(table)
     assert tokenized.column("n_tokens").to_pylist()[1] == 0
-    out = EmbedReplica(str(tiny_embedding_model), dtype="float32", vector_dtype="float16")(tokenized)
+    replica = EmbedReplica(EmbedSettings(path=str(tiny_embedding_model), dtype="float32", vector_dtype="float16"))
+    out = replica(tokenized)
     assert out.column("embedding").type == pa.list_(pa.float16(), 64)
     vectors = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))
     want = card_embed(tiny_embedding_model, [DOCUMENTS[0], DOCUMENTS[1]], 8192)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.loading import load_model, resolve_dtype
+from actors.settings import dtype_name
 from common.errors import ModelLoadError
 
 
@@ -34,3 +35,9 @@ def test_remote_code_is_never_trusted(tiny_embedding_model, tmp_path):
 def test_auto_dtype_is_float32_on_cpu():
     assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_one_rule_for_auto_dtype_on_either_device():
+    assert dtype_name("auto", on_gpu=True) == "bfloat16" and dtype_name("auto", on_gpu=False) == "float32"
+    assert dtype_name("float16", on_gpu=False) == "float16"
+    assert resolve_dtype("auto", torch.device("cpu")) is getattr(torch, dtype_name("auto", on_gpu=False))

@@ -8,12 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from actors.random_qwen import (
-    QWEN3_ADDED_TOKENS,
-    QWEN3_PRETOKENIZE_REGEX,
-    build_qwen_tokenizer,
-    build_random_qwen3,
-)
+from actors.random_qwen import QWEN3_ADDED_TOKENS, QWEN3_PRETOKENIZE_REGEX, build_qwen_tokenizer, build_random_qwen3
 
 EOT, IM_START, IM_END = 151643, 151644, 151645
 YES, NO = 9693, 2152

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.reranker import PairTokenizer, Reranker, RerankReplica, common_prefix_length
+from actors.settings import RerankSettings
 from common.errors import ModelLoadError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`=`True`:UserWarning")
@@ -264,7 +265,8 @@ def test_replica_scores_rows_skips_rejects_and_keeps_columns(spread_reranker_mod
         "text": [d for _, d in pairs] + [LONG, None],
         "_reject": [None, None, "too_long", None, None, None, None, None, "null_text"],
     })
-    replica = RerankReplica(spread_reranker_model, dtype="float32", max_length=96, max_batch_tokens=300)
+    replica = RerankReplica(RerankSettings(path=spread_reranker_model, dtype="float32", max_length=96,
+                                           max_batch_tokens=300))
     out = replica(table)
     assert out.column_names == ["id", "query_id", "_reject", "score", "n_tokens", "truncated"]
     assert out.schema.field("score").type == pa.float32()

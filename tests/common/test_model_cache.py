@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import preflight_model, run_embed
 from common.errors import ModelLoadError
-from pipelines.fingerprint import embed_fingerprint
 from common.model_cache import MANIFEST, ensure_local_model, is_model_url, local_model_dir, remote_model
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import embed_fingerprint, run_embed
+from pipelines.preflight import preflight_model
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def local_model_vectors(model, texts):
 @pytest.mark.integration
 def test_embed_with_a_model_in_s3_matches_the_local_model_bit_for_bit(
         ray_local, s3_bucket, s3_server, tiny_embedding_model, tmp_path, capfd):
-    from pipelines.output.verify import read_committed
+    from pipelines.output.reader import read_committed
 
     bucket, opts = s3_bucket
     fs = s3_server.filesystem()

@@ -95,8 +95,8 @@ def test_pickle_only_models_are_refused(local_job, tmp_path, tiny_embedding_mode
 
 
 def test_errors_from_remote_actors_are_recovered_from_rays_text():
-    from pipelines.cli import _user_error
     from common.errors import ModelLoadError
+    from pipelines.cli import _user_error
 
     remote = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
                           "common.errors.ModelLoadError: model.path 'm': cannot load model (boom)")

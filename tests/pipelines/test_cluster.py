@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.verify import read_committed, verify_output
+from pipelines.output.reader import read_committed
+from pipelines.output.verify import verify_output
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 POOL_CLASS = "MapWorker(MapBatches(EmbedReplica))"
@@ -103,8 +104,8 @@ def test_the_model_pool_grows_to_max_replicas_under_load_and_never_past_it(ray_l
     # it then took 40 s and the job was nearly done before replica 2 came up.)
     from pipelines import graph
 
-    model_pool = graph._model_pool
-    monkeypatch.setattr(graph, "_model_pool", lambda compute: {
+    model_pool = graph.model_pool
+    monkeypatch.setattr(graph, "model_pool", lambda compute: {
         **model_pool(compute), "runtime_env": {"env_vars": {"EMBEDRANK_FAILPOINTS": "replica_batch:delay=1.5"}}})
     rows = write_corpus(tmp_path / "corpus", shards=6, rows=120, words=2)
     cfg = EmbedJobConfig.model_validate({

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
 from common.errors import InputError
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
 
 pytestmark = pytest.mark.integration
 ENV_CANARY = "env-canary-7f3a91d2c4"

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from support.faulty_proxy import FaultyProxy
 
-pytestmark = pytest.mark.integration
+# Tests that use the server are marked `integration` by conftest (their fixtures); the rest are unit tests.
 
 
 def _fs(storage_options, **overrides):

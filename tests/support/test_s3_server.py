@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from support.s3_server import S3Server, S3ServerError
 
-pytestmark = pytest.mark.integration
+# Tests that use the server are marked `integration` by conftest (their fixtures); the rest are unit tests.
 
 
 def _fs(storage_options):

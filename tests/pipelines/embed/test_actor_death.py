@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.verify import read_committed, verify_output
+from pipelines.output.reader import read_committed
+from pipelines.output.verify import verify_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def replica_pids():
@@ -73,8 +74,8 @@ def test_replicas_killed_three_times_change_nothing(ray_local, tmp_path, tiny_em
     # unthrottled, a restarted replica once did 19 items between two polls of the actor table.
     from pipelines import graph
 
-    model_pool = graph._model_pool
-    monkeypatch.setattr(graph, "_model_pool", lambda compute: {
+    model_pool = graph.model_pool
+    monkeypatch.setattr(graph, "model_pool", lambda compute: {
         **model_pool(compute), "runtime_env": {"env_vars": {"EMBEDRANK_FAILPOINTS": "replica_batch:delay=0.5"}}})
     result, kills = {}, []
     job = threading.Thread(target=lambda: result.update(

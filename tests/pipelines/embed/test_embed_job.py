@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.output.root import COMMITS_DIR
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
 from common.errors import OutputError
-from pipelines.output.verify import read_committed, verify_output
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
+from pipelines.output.reader import read_committed
+from pipelines.output.root import COMMITS_DIR
+from pipelines.output.verify import verify_output
 
 pytestmark = pytest.mark.integration
 

@@ -3,13 +3,14 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.bad_files import corrupt_second_row_group
 
 from actors.loading import load_tokenizer
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
 from common.errors import InputError
-from pipelines.output.verify import read_committed, verify_output
-from support.bad_files import corrupt_second_row_group
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
+from pipelines.output.reader import read_committed
+from pipelines.output.verify import verify_output
 
 pytestmark = pytest.mark.integration
 

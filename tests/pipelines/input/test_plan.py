@@ -1,12 +1,15 @@
 """Planning: deterministic items, row-group splits, clear errors for missing files and columns."""
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import InputConfig
 from common.errors import InputError
-from pipelines.input.plan import make_plan
+from pipelines.embed.config import InputConfig
+from pipelines.input.plan import make_plan, relative_to_common_prefix
+from pipelines.storage import InputFile
 
 
 def write_parquet(path, rows, row_group_size, **extra):
@@ -45,6 +48,42 @@ def test_directory_and_overlapping_globs(tmp_path):
     write_parquet(tmp_path / "y.parquet", 5, 5)
     plan = make_plan(InputConfig(paths=[str(tmp_path), str(tmp_path / "*.parquet")]))
     assert sorted(f.rel for f in plan.files) == ["sub/x.parquet", "y.parquet"]
+
+
+def same_name_in_two_folders(tmp_path):
+    """x/2025/part-0.parquet and x/2026/part-0.parquet, equal in size and mtime: only their folders tell them apart."""
+    for year in ("2025", "2026"):
+        (tmp_path / "x" / year).mkdir(parents=True)
+        write_parquet(tmp_path / "x" / year / "part-0.parquet", 5, 5)
+        os.utime(tmp_path / "x" / year / "part-0.parquet", ns=(1_700_000_000_000_000_000,) * 2)
+    return [str(tmp_path / "x" / year / "*.parquet") for year in ("2025", "2026")]
+
+
+def test_files_of_two_globs_sharing_names_are_told_apart_by_their_common_prefix(tmp_path):
+    plan = make_plan(InputConfig(paths=same_name_in_two_folders(tmp_path)))
+    assert [f.rel for f in plan.files] == ["2025/part-0.parquet", "2026/part-0.parquet"]
+    assert [i.rel for i in plan.items] == ["2025/part-0.parquet", "2026/part-0.parquet"]
+    assert len({i.item_id for i in plan.items}) == 2
+
+
+def test_one_glob_keeps_paths_relative_to_its_own_folder(tmp_path):
+    """Where inputs did not collide, paths (so item ids and generated ids) stay what earlier versions made."""
+    globs = same_name_in_two_folders(tmp_path)
+    assert [f.rel for f in make_plan(InputConfig(paths=globs[:1])).files] == ["part-0.parquet"]
+    assert [f.rel for f in make_plan(InputConfig(paths=[str(tmp_path / "x")])).files] == [
+        "2025/part-0.parquet", "2026/part-0.parquet"]
+    assert [f.rel for f in make_plan(InputConfig(paths=[str(tmp_path / "x" / "*" / "*.parquet")])).files] == [
+        "2025/part-0.parquet", "2026/part-0.parquet"]
+
+
+def test_remote_globs_are_relative_to_their_common_prefix_or_whole_across_buckets():
+    def listed(*urls):
+        return [InputFile(url, url.rsplit("/", 1)[1], 1, "etag") for url in urls]
+
+    same_bucket = relative_to_common_prefix(listed("s3://b/x/2025/p.parquet", "s3://b/x/2026/p.parquet"))
+    assert [f.rel for f in same_bucket] == ["2025/p.parquet", "2026/p.parquet"]
+    two_buckets = relative_to_common_prefix(listed("s3://b1/p.parquet", "s3://b2/p.parquet"))
+    assert [f.rel for f in two_buckets] == ["s3://b1/p.parquet", "s3://b2/p.parquet"]
 
 
 def bad_files(tmp_path):

@@ -6,14 +6,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.bad_files import corrupt_second_row_group
 
-from pipelines.input import parquet_io
-from pipelines.config import InputConfig
 from common.errors import InputError
+from pipelines.embed.config import InputConfig
+from pipelines.input import parquet_io
 from pipelines.input.parquet_io import StorageReadError
 from pipelines.input.plan import make_plan
 from pipelines.input.reading import read_item
-from support.bad_files import corrupt_second_row_group
 
 
 def test_parquet_rows_ids_and_rejects(tmp_path):
@@ -28,6 +28,37 @@ def test_parquet_rows_ids_and_rejects(tmp_path):
     assert t.column("text").to_pylist() == ["ok", None, None, "fine"]
     assert t.column("lang").to_pylist() == ["en", "de", "fr", "ja"]
     assert set(t.column("_item").to_pylist()) == {i.item_id for i in items}
+
+
+def write_same_name_in_two_folders(tmp_path, fmt, rows):
+    """x/2025/part-0.<fmt> and x/2026/part-0.<fmt>, `rows` texts each; returns one glob per folder."""
+    for year in ("2025", "2026"):
+        folder = tmp_path / "x" / year
+        folder.mkdir(parents=True)
+        texts = [f"{year} text {i}" for i in range(rows)]
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": texts}), folder / "part-0.parquet")
+        else:
+            (folder / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return [str(tmp_path / "x" / year / f"*.{fmt}") for year in ("2025", "2026")]
+
+
+def generated_ids(cfg):
+    return [i for item in make_plan(cfg).items for i in read_item(item, cfg).column("id").to_pylist()]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_generated_ids_are_unique_across_globs_whose_files_share_names(tmp_path, fmt):
+    cfg = InputConfig(paths=write_same_name_in_two_folders(tmp_path, fmt, 4), format=fmt)
+    ids = generated_ids(cfg)
+    assert len(ids) == 8 and len(set(ids)) == 8, ids
+    assert ids[0] == f"2025/part-0.{fmt}:0" and ids[-1] == f"2026/part-0.{fmt}:3"
+    assert generated_ids(cfg) == ids
+
+
+def test_generated_ids_of_one_glob_are_relative_to_its_folder(tmp_path):
+    cfg = InputConfig(paths=write_same_name_in_two_folders(tmp_path, "parquet", 2)[:1])
+    assert generated_ids(cfg) == ["part-0.parquet:0", "part-0.parquet:1"]
 
 
 def test_parquet_null_ids_are_rejected(tmp_path):

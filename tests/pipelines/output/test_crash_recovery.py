@@ -1,12 +1,12 @@
 """Crashes at each commit step and a killed driver lose nothing and duplicate nothing.
 
-Each job runs as its own process, as a user runs it: with its own embedded Ray where
-a failpoint must reach Ray's workers, else joining the session's Ray as a driver joins
-a cluster. A crash is a failpoint (`common/failpoints.py`) or a SIGKILL from outside.
+Each job runs as its own process, as a user runs it, joining the session's Ray as a driver
+joins a cluster; a failpoint that must fire in Ray's workers reaches them through the job's
+runtime_env (`support.jobs`). A crash is a failpoint (`common/failpoints.py`) or a SIGKILL
+from outside.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,9 +15,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.jobs import job_process_env
 
+from pipelines.output.reader import read_committed
 from pipelines.output.status import format_status, job_status
-from pipelines.output.verify import read_committed, verify_output
+from pipelines.output.verify import verify_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,23 +50,14 @@ def job(tmp_path, tiny_embedding_model):
     return cfg, out, set(ids)
 
 
-def start(cfg, marker_dir=None, failpoints=None, ray_address=None):
-    """The job as a process. Driver-side failpoints need no Ray of its own: with `ray_address` the process
-    joins the session's Ray, as a driver joins a cluster; failpoints in Ray workers need a private Ray (its
-    workers inherit the process's environment)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBEDRANK_"))}
-    if failpoints:
-        env.update(EMBEDRANK_FAILPOINTS=failpoints, EMBEDRANK_FAILPOINT_DIR=str(marker_dir))
-    extra = ["--set", f"run.ray_address={ray_address}"] if ray_address else []
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json", *extra],
+def start(cfg, ray_address, marker_dir=None, failpoints=None, in_workers=False):
+    """The job as a process joining the session's Ray at `ray_address`, as a driver joins a cluster.
+    Failpoints fire in the driver; with `in_workers`, in the job's Ray workers too (its runtime_env)."""
+    points = {"EMBEDRANK_FAILPOINTS": failpoints, "EMBEDRANK_FAILPOINT_DIR": str(marker_dir)} if failpoints else {}
+    env = job_process_env(worker_env=points) if in_workers else job_process_env(driver_env=points)
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json",
+                             "--set", f"run.ray_address={ray_address}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-@pytest.fixture
-def session_ray(ray_local):
-    import ray
-
-    return ray.get_runtime_context().gcs_address
 
 
 def finish(proc):
@@ -84,12 +77,13 @@ def assert_exactly_once(out, input_ids):
     assert report.counts["orphans"] == 0
 
 
-def test_write_task_crashes_are_retried_without_duplicates(job, tmp_path):
+def test_write_task_crashes_are_retried_without_duplicates(job, tmp_path, session_ray):
     cfg, out, ids = job
-    code, summary, err = finish(start(cfg, tmp_path, "before_piece_write,after_piece_write"))
+    code, summary, err = finish(start(cfg, session_ray, tmp_path, "before_piece_write,after_piece_write",
+                                      in_workers=True))
     assert (tmp_path / "before_piece_write").exists() and (tmp_path / "after_piece_write").exists()
     if code != 0:
-        code, summary, err = finish(start(cfg))
+        code, summary, err = finish(start(cfg, session_ray))
     assert code == 0, err
     assert_exactly_once(out, ids)
 
@@ -102,11 +96,11 @@ def test_driver_crashes_around_a_commit_resume_exactly_once(job, tmp_path, sessi
     cfg, out, ids = job
     for point in ("before_commit_write", "after_commit_write"):
         before = committed(out)
-        code, _, _ = finish(start(cfg, tmp_path, point, ray_address=session_ray))
+        code, _, _ = finish(start(cfg, session_ray, tmp_path, point))
         assert code == 137 and (tmp_path / point).exists()
         assert committed(out) == before + (point == "after_commit_write")
     before = committed(out)
-    code, summary, err = finish(start(cfg, ray_address=session_ray))
+    code, summary, err = finish(start(cfg, session_ray))
     assert code == 0, err
     assert summary["items_skipped"] == before and summary["items_processed"] == summary["items_total"] - before
     assert_exactly_once(out, ids)
@@ -114,7 +108,7 @@ def test_driver_crashes_around_a_commit_resume_exactly_once(job, tmp_path, sessi
 
 def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(job, capsys, session_ray):
     cfg, out, ids = job
-    proc = start(cfg, ray_address=session_ray)
+    proc = start(cfg, session_ray)
     commits = out / "_commits"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -131,7 +125,7 @@ def test_a_driver_killed_half_way_resumes_and_recomputes_only_unfinished_items(j
     stopped = job_status(str(out))
     assert stopped["state"].startswith("stopped (its driver") and stopped["items_committed"] == done
     in_flight_rows = 20 * (12 - done)
-    code, summary, err = finish(start(cfg, ray_address=session_ray))
+    code, summary, err = finish(start(cfg, session_ray))
     assert code == 0, err
     recomputed_rows = summary["rows"] + summary["rejected"]
     assert summary["items_processed"] == 12 - done

@@ -8,12 +8,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.output.root import OutputRoot
-from pipelines.config import ConfigError, EmbedJobConfig, load_config
+from pipelines.config import ConfigError, load_config
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.storage import Storage
-from pipelines.output.verify import read_committed, verify_output
 from pipelines.output.pieces import HIVE_NULL, partition_folder
+from pipelines.output.reader import read_committed
+from pipelines.output.root import OutputRoot
+from pipelines.output.verify import verify_output
+from pipelines.storage import Storage
 
 HOSTILE = ["../x", "a/b", "../../../../etc/passwd", "/abs", "..", ".", "nul\x00byte", "new\nline", "%2F%2e%2e",
            "a=b", "tab\tand space", "é 🙂", "", "back\\slash", "plain"]
@@ -33,7 +35,7 @@ def test_partition_by_must_be_a_passthrough_column(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("input: {paths: [x]}\nmodel: {path: m}\noutput: {path: o, partition_by: lang}\n")
     with pytest.raises(ConfigError, match=r"partition_by 'lang' must be one of input.passthrough_columns \[\]"):
-        load_config(cfg)
+        load_config(cfg, schema=EmbedJobConfig)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -85,11 +87,11 @@ def test_hostile_ids_and_partition_values_stay_inside_the_output(ray_local, wher
     root = OutputRoot(Storage(out, opts))
     commits = root.read_commits()
     for c in commits.values():
-        for f in c["files"]:
-            parts = f["path"].split("/")
+        for f in c.files:
+            parts = f.path.split("/")
             assert len(parts) == 3 and parts[0] == "data" and parts[1].startswith("lang=") and ".." not in parts
             value = urllib.parse.unquote(parts[1][len("lang="):])
-            table = pq.read_table(pa.BufferReader(root.storage.read_bytes(f["path"])))
+            table = pq.read_table(pa.BufferReader(root.storage.read_bytes(f.path)))
             assert set(table.column("lang").to_pylist()) == {None if value == HIVE_NULL else value}
 
     dataset = pads.dataset(root.storage.path("data"), filesystem=root.storage.fs, format="parquet",

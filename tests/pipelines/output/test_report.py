@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-from pipelines.config import EmbedJobConfig
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
 from pipelines.output.report import REPORT_FILE
 

@@ -1,13 +1,17 @@
-"""Resuming into an output made with other model settings is refused, naming the difference."""
+"""Resuming into an output made with other model or input settings is refused, naming the difference."""
+
+import copy
 
 import pytest
 
-from pipelines.output.root import OutputRoot
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
 from common.errors import OutputError
-from pipelines.fingerprint import embed_fingerprint, fingerprint_id
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import embed_fingerprint, run_embed
+from pipelines.fingerprint import fingerprint_id
 from pipelines.input.plan import make_plan
+from pipelines.output.root import OutputRoot
+from pipelines.rerank.config import RerankJobConfig
+from pipelines.rerank.job import rerank_fingerprint
 from pipelines.storage import Storage
 
 
@@ -45,3 +49,84 @@ def test_changed_model_settings_are_refused(tmp_path, tiny_embedding_model, chan
     with pytest.raises(OutputError, match="holds output of a different job") as err:
         run_embed(config(corpus, out, model, **change))
     assert named in str(err.value)
+
+
+def refusal(fingerprint_of, original, changed):
+    """The message with which an output made with `original` refuses a run with `changed` (no Ray, no model)."""
+    out = original.output.path
+    first = fingerprint_of(original)
+    OutputRoot(Storage(out)).prepare(first, fingerprint_id(first), [], {})
+    second = fingerprint_of(changed)
+    with pytest.raises(OutputError, match="holds output of a different job") as err:
+        OutputRoot(Storage(out)).prepare(second, fingerprint_id(second), [], {})
+    return str(err.value)
+
+
+def changed(schema, data, setting, value):
+    """`data` validated as `schema`, and again with the dotted `setting` set to `value` (as `--set` would)."""
+    edited = copy.deepcopy(data)
+    *sections, key = setting.split(".")
+    node = edited
+    for section in sections:
+        node = node[section]
+    node[key] = value
+    return schema.model_validate(data), schema.model_validate(edited)
+
+
+def embed_data(tmp_path):
+    return {"input": {"paths": [str(tmp_path / "corpus" / "*.jsonl")], "format": "jsonl"},
+            "model": {"path": str(tmp_path / "model")}, "output": {"path": str(tmp_path / "out")}}
+
+
+@pytest.mark.parametrize("setting, value, named", [
+    ("input.text_column", "title", "input.text_column: 'text' → 'title'"),
+    ("input.id_column", "doc_id", "input.id_column: None → 'doc_id'"),
+    ("input.passthrough_columns", ["lang"], "input.passthrough_columns: [] → ['lang']"),
+    ("input.format", "parquet", "input.format: 'jsonl' → 'parquet'"),
+    ("input.on_bad_file", "fail", "input.on_bad_file: 'reject' → 'fail'"),
+])
+def test_changed_input_settings_are_refused(tmp_path, setting, value, named):
+    message = refusal(embed_fingerprint, *changed(EmbedJobConfig, embed_data(tmp_path), setting, value))
+    assert named in message
+
+
+def test_generated_ids_are_a_named_scheme_in_the_fingerprint(tmp_path):
+    message = refusal(embed_fingerprint, *changed(EmbedJobConfig, embed_data(tmp_path), "input.id_column", "doc_id"))
+    assert "input.id_scheme: 'common-prefix-relative-path:row' → 'id columns'" in message
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("input.paths", ["/elsewhere/snapshot-2/*.jsonl"]),
+    ("input.rows_per_item", 7),
+    ("input.storage_options", {"anon": True}),
+])
+def test_where_the_input_is_and_how_it_is_cut_is_not_in_the_fingerprint(tmp_path, setting, value):
+    """A reindex reads a new snapshot path every time; item splits are checked by the plan, not the fingerprint."""
+    original, moved = changed(EmbedJobConfig, embed_data(tmp_path), setting, value)
+    assert embed_fingerprint(original) == embed_fingerprint(moved)
+
+
+def rerank_data(tmp_path, documents=False):
+    data = {"input": {"paths": [str(tmp_path / "pairs" / "*.parquet")]},
+            "model": {"path": str(tmp_path / "model")}, "output": {"path": str(tmp_path / "out")}}
+    if documents:
+        data["input"]["text_column"] = None
+        data["documents"] = {"paths": [str(tmp_path / "docs" / "*.parquet")]}
+    return data
+
+
+@pytest.mark.parametrize("setting, value, documents, named", [
+    ("input.query_id_column", "qid", False, "input.query_id_column: 'query_id' → 'qid'"),
+    ("input.query_column", "question", False, "input.query_column: 'query' → 'question'"),
+    ("input.doc_id_column", "pid", False, "input.doc_id_column: 'doc_id' → 'pid'"),
+    ("input.text_column", "passage", False, "input.text_column: 'text' → 'passage'"),
+    ("input.format", "jsonl", False, "input.format: 'parquet' → 'jsonl'"),
+    ("input.on_bad_file", "fail", False, "input.on_bad_file: 'reject' → 'fail'"),
+    ("documents.id_column", "pid", True, "documents.id_column: 'doc_id' → 'pid'"),
+    ("documents.text_column", "body", True, "documents.text_column: 'text' → 'body'"),
+    ("documents.format", "jsonl", True, "documents.format: 'parquet' → 'jsonl'"),
+    ("documents.on_bad_file", "fail", True, "documents.on_bad_file: 'reject' → 'fail'"),
+])
+def test_changed_rerank_input_settings_are_refused(tmp_path, setting, value, documents, named):
+    data = rerank_data(tmp_path, documents)
+    assert named in refusal(rerank_fingerprint, *changed(RerankJobConfig, data, setting, value))

@@ -3,12 +3,13 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines.config import EmbedJobConfig
-from pipelines.embed.job import run_embed
-from pipelines.storage import Storage
-from pipelines.output.verify import read_committed, verify_output
 from support.faulty_proxy import FAULT_KINDS, FaultyProxy
+
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
+from pipelines.output.reader import read_committed
+from pipelines.output.verify import verify_output
+from pipelines.storage import Storage
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import ConfigError, ReindexJobConfig, load_config
 from common.errors import OutputError
-from pipelines.reindex.index import CURRENT_FILE, IndexRoot, rebase, version_name, version_number
+from pipelines.config import ConfigError, load_config
 from pipelines.output.lock import OutputLock
+from pipelines.reindex.config import ReindexJobConfig
+from pipelines.reindex.index import CURRENT_FILE, IndexRoot, rebase, version_name, version_number
 from pipelines.reindex.stages import content_hashes, count_changes
 from pipelines.storage import Storage
 

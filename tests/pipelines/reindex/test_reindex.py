@@ -19,13 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import EmbedJobConfig, ReindexJobConfig
+from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
+from pipelines.output.reader import read_committed
+from pipelines.output.status import format_status, job_status
+from pipelines.output.verify import verify_output
+from pipelines.reindex.config import ReindexJobConfig
 from pipelines.reindex.index import IndexRoot
 from pipelines.reindex.job import run_reindex
-from pipelines.output.status import format_status, job_status
 from pipelines.storage import Storage
-from pipelines.output.verify import read_committed, verify_output
 
 pytestmark = pytest.mark.integration
 

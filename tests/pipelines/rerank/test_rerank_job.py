@@ -7,12 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines.output.root import COMMITS_DIR, RANK_COMMITS_DIR
-from pipelines.config import RerankJobConfig
-from pipelines.rerank.job import run_rerank
-from pipelines.output.verify import read_committed, verify_output
 from support.faulty_proxy import FAULT_KINDS, FaultyProxy
+
+from pipelines.output.reader import read_committed
+from pipelines.output.root import COMMITS_DIR, RANK_COMMITS_DIR
+from pipelines.output.verify import verify_output
+from pipelines.rerank.config import RerankJobConfig
+from pipelines.rerank.job import run_rerank
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,63 @@
+"""Names of the columns that cross Ray Data stage boundaries, defined once.
+
+Stages in `pipelines/` and the replicas in `actors/` read and add these columns; each stage declares which
+it needs and adds (`pipelines.stages.Stage`). Names that start with `_` are the pipeline's own bookkeeping:
+they never reach a user's data files (`_item` and `_row` do reach the internal `_scores/` files).
+"""
+
+# --- sources of a graph -------------------------------------------------------------------------------------
+ITEM_JSON = "item"
+"""A planned work item, as JSON: one row per item is where each job's graph starts."""
+PATH = "path"
+"""A committed file to read (score files, an index version's files)."""
+
+# --- bookkeeping every read row carries ---------------------------------------------------------------------
+ITEM = "_item"
+"""The row's work item id."""
+ROW = "_row"
+"""The row's index in its input file."""
+ITEM_ROWS = "_item_rows"
+"""How many rows the row's work item has (learnt while reading for JSONL)."""
+REJECT = "_reject"
+"""Why the row is rejected (a reason code), or null: rejected rows go to `_rejects/`, never to the model."""
+READ_BOOKKEEPING = (REJECT, ITEM, ROW, ITEM_ROWS)
+
+# --- what the job reads (each a role of `pipelines.config.FieldSpec`) ---------------------------------------
+ID = "id"
+TEXT = "text"
+QUERY_ID = "query_id"
+QUERY = "query"
+DOC_ID = "doc_id"
+
+# --- what tokenizing and the models add ---------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+N_TOKENS = "n_tokens"
+TRUNCATED = "truncated"
+TOKENIZED = (INPUT_IDS, N_TOKENS, TRUNCATED)
+EMBEDDING = "embedding"
+PADDED = "_padded"
+"""Tokens the replica computed for the row, padding included (efficiency reports)."""
+SCORE = "score"
+RANK = "rank"
+BUCKET = "_bucket"
+"""The hash bucket of the row's query, ranked whole (rerank, phase 2)."""
+
+# --- candidates joined with their documents (rerank) --------------------------------------------------------
+DOC_REJECT = "_doc_reject"
+"""Why the joined document is unusable, or null."""
+DOC_FOUND = "_doc_found"
+"""True where the join found the candidate's document."""
+
+# --- reindex: the diff and the carried vectors --------------------------------------------------------------
+CONTENT_HASH = "content_hash"
+REJECTED = "_rejected"
+IN_SNAPSHOT = "_in_snapshot"
+IN_BASE = "_in_base"
+BASE_HASH = "_base_hash"
+"""The current version's content hash of an id (the diff's base side)."""
+BASE_PREFIX = "_base_"
+"""Prefix of the current version's columns joined in for carrying (`_base_embedding`, …)."""
+CARRY_EMBEDDING = "_carry_embedding"
+"""Rows arriving at the writer with this column set keep that vector instead of the model's."""
+CARRIED = "_carried"
+"""True where the row's vector was carried from the current version, not computed."""

@@ -1,0 +1,49 @@
+"""The embedding graph: planned items → read + tokenize (CPU tasks, one item each) → embed (actor pool of
+model replicas, autoscaled min..max) → write pieces (CPU tasks). The driver commits the piece records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.embedder import EmbedReplica
+from actors.loading import resolve_model_path
+from actors.tokenize import spec_digest, tokenizer_spec
+from common.columns import EMBEDDING, ID, INPUT_IDS, N_TOKENS, PADDED, TRUNCATED
+from pipelines import graph
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.stages import read_and_tokenize
+from pipelines.input.plan import WorkItem
+from pipelines.stages import Stage
+from pipelines.storage import Storage
+
+OUTPUT_BASE = [ID, EMBEDDING, N_TOKENS, TRUNCATED]
+"""The columns of every embedding output file, before pass-through columns."""
+
+# declared here because `actors/` never imports `pipelines/`
+EMBED_REPLICA = Stage(EmbedReplica, needs=(INPUT_IDS,), adds=(EMBEDDING, PADDED), drops=(INPUT_IDS,))
+
+
+def tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The tokenize stage's arguments: the tokenizer, loaded here once with transformers and serialised, so
+    that CPU tasks rebuild it without torch. A URL model's tokenizer files come through the node's cache."""
+    m = cfg.model
+    path = resolve_model_path(m.path, cfg.model_storage_options, weights=False,
+                              expected_digest=fingerprint.get("model_digest"))
+    spec = tokenizer_spec(path, m.revision)
+    return {"spec": spec, "digest": spec_digest(spec), "max_length": m.max_length, "instruction": m.instruction}
+
+
+def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage, fingerprint: dict[str, Any]):
+    flow = graph.per_item(graph.item_source(items), read_and_tokenize.stage.adding(*cfg.input.extra_columns),
+                          cfg.compute.io_num_cpus, cfg=cfg.input, tokenizer=tokenizer_args(cfg, fingerprint))
+    return embed_and_write(flow, cfg, storage, fingerprint, OUTPUT_BASE + list(cfg.input.passthrough_columns))
+
+
+def embed_and_write(flow: graph.Flow, cfg: EmbedJobConfig, storage: Storage, fingerprint: dict[str, Any],
+                    output_columns: list[str]):
+    """The model pool, then the write: what the embed and reindex graphs end with."""
+    flow = flow.map_batches(EMBED_REPLICA,
+                            fn_constructor_kwargs={"settings": cfg.replica_settings(fingerprint.get("model_digest"))},
+                            **graph.model_pool(cfg.compute))
+    return graph.write(flow, cfg.compute.io_num_cpus, storage=storage, fingerprint=fingerprint,
+                       output_columns=output_columns, partition_by=cfg.output.partition_by)
