@@ -111,13 +111,7 @@ class Storage:
         """Write one object atomically: readers see the old state or the whole new object, never a part."""
         target = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            os.replace(self._local_temp(target, data), target)
         else:
             self.fs.pipe_file(target, data)
 
@@ -182,6 +176,7 @@ class Storage:
             os.close(fd)  # releases the flock
 
     def _local_temp(self, target: str, data: bytes) -> str:
+        """`data` synced to a new temp file beside `target`, ready to be renamed or linked into place."""
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as fh:
