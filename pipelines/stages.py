@@ -2,8 +2,9 @@
 
 A `Stage` names what Ray Data maps (a task function or a replica class), the columns it needs from its
 batch, the columns it adds and those it drops. A task function declares its own with the `@stage(...)`
-decorator (its stage module); the replica classes are declared in `pipelines.graph` (`actors/` never imports
-`pipelines/`). The graph wires every stage through `Stage.task()`:
+decorator (its stage module); the replica classes are declared in their job's graph module
+(`pipelines/embed/graph.py`, …), since `actors/` never imports `pipelines/`. `pipelines.graph` wires every stage
+through `Stage.task()`:
 
 - at run time, a batch that lacks a needed column fails before the stage runs, naming the stage and the
   column (`MissingColumnError`), instead of a KeyError deep inside it;

@@ -2,7 +2,7 @@
 
 A document's content hash is sha256 of the job fingerprint id and its text: equal hashes mean an equal
 vector (same model, settings and text), so the vector is carried instead of computed. The diff and the
-carry are joins on `id` run on the cluster (`pipelines.graph`); the driver only sums counts.
+carry are joins on `id` run on the cluster (`pipelines/reindex/graph.py`); the driver only sums counts.
 """
 
 from __future__ import annotations
