@@ -12,6 +12,11 @@ class InputError(EmbedrankError):
     """The corpus cannot be read as configured (missing file/column, unreadable shard)."""
 
 
+class InputChanged(InputError):
+    """An input file is not the version the job's plan recorded (its size or ETag/mtime differ): it was rewritten
+    since planning. A store-side change, never a reason to reject rows; a rerun plans again."""
+
+
 class OutputError(EmbedrankError):
     """The output root refuses this job (fingerprint mismatch, foreign files, lock held)."""
 

@@ -361,6 +361,21 @@ class Storage:
         rels = (posixpath.relpath(self.fs._strip_protocol(p), self.root) for p in found)
         return sorted(r for r in rels if r != posixpath.normpath(rel_dir or "."))  # not a store's folder marker
 
+    def list_files_modified(self, rel_dir: str) -> dict[str, float | None]:
+        """Every file under `rel_dir` (relative to the root, sorted) with its last-modified time in seconds since
+        the epoch (local: mtime; S3: LastModified, the store's clock), None where the store gives none."""
+        base = self.path(rel_dir)
+        self.fs.invalidate_cache(base)
+        if not self.fs.exists(base):
+            return {}
+        found = self.fs.find(base, detail=True)
+        out = {}
+        for p, info in found.items():
+            rel = posixpath.relpath(self.fs._strip_protocol(p), self.root)
+            if rel != posixpath.normpath(rel_dir or "."):  # not a store's folder marker
+                out[rel] = _modified(info)
+        return dict(sorted(out.items()))
+
     def list_dirs(self, rel_dir: str = "") -> list[str]:
         """Names of the folders directly under `rel_dir` (one listing call, not a recursive walk)."""
         base = self.path(rel_dir)
@@ -412,6 +427,21 @@ class Storage:
         self.fs.invalidate_cache()
 
 
+def _modified(info: dict[str, Any]) -> float | None:
+    """A listing entry's last-modified time as epoch seconds (datetime on S3, a float on local disk)."""
+    for key in ("LastModified", "mtime", "last_modified", "updated"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     """One input shard: its full URL, its path relative to its glob's base, and a version tag."""
@@ -459,3 +489,17 @@ def expand_inputs(patterns: list[str], extension: str, storage_options: dict[str
 def open_input(url: str, storage_options: dict[str, Any]):
     """Open one input file for binary reading."""
     return fsspec.open(url, "rb", **storage_options).open()
+
+
+def input_info(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """What the store says about one input file now (size, ETag/mtime), never from a cached listing."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs.invalidate_cache(path)
+    return fs.info(path)
+
+
+def changed_while_reading(exc: BaseException) -> bool:
+    """Whether a read failed because the object is no longer the version it was opened as: s3fs sends every
+    range GET with `If-Match: <ETag at open>` and raises `FileExpired` (or a 412) when it changed."""
+    return type(exc).__name__ == "FileExpired" or (isinstance(exc, OSError) and _is_precondition_failure(exc)
+                                                  and not isinstance(exc, FileExistsError))

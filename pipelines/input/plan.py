@@ -5,6 +5,8 @@ relative path (relative to the common prefix of every input's folder, so unique
 across globs), version and the range, so the same input always plans the same
 items. Parquet footers give row counts and let big files split at row-group
 boundaries; JSONL files are one item each and their row count is learnt when read.
+Each item also pins its file as listed (size and version: S3 ETag, local mtime), and
+readers fail the job naming the file if it is no longer that version (`parquet_io.Pin`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pyarrow as pa
 
 from common.errors import InputError
 from pipelines.config import SourceConfig
-from pipelines.input.parquet_io import CorruptFile, read_metadata
+from pipelines.input.parquet_io import CorruptFile, Pin, read_metadata
 from pipelines.storage import InputFile, expand_inputs
 
 BYTES_PER_TOKEN = 4.0
@@ -39,6 +41,15 @@ class WorkItem:
     bad_reason: str | None = None
     """Set when the whole file is rejected at planning (`on_bad_file: reject`); `bad_detail` says why."""
     bad_detail: str | None = None
+    size: int | None = None
+    """The file's size as planned; with `version`, its pinned identity (None in items recorded before pins)."""
+    version: str | None = None
+    """The file's version tag as planned (S3: ETag; local disk: mtime); readers check it (`parquet_io.Pin`)."""
+
+    @property
+    def pin(self) -> Pin | None:
+        """What a reader must find the file to be; None for items recorded before pins (read unchecked)."""
+        return Pin(self.size, self.version) if self.size is not None and self.version is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -111,6 +122,11 @@ def _item_id(f: InputFile, start: int, end: int | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def _pin(f: InputFile) -> dict[str, Any]:
+    """The WorkItem fields that pin `f` as listed: readers read that version or fail naming the file."""
+    return {"size": f.size, "version": f.version}
+
+
 def _check_parquet_schema(f: InputFile, schema: pa.Schema, cfg: SourceConfig) -> None:
     fields = cfg.fields()
     wanted = [fs.column for fs in fields if fs.column] + cfg.extra_columns
@@ -130,12 +146,13 @@ def _bad_file(f: InputFile, bad: CorruptFile, cfg: SourceConfig) -> list[WorkIte
     if cfg.on_bad_file == "fail":
         raise InputError(f"{bad.detail} [on_bad_file: fail; set input.on_bad_file: reject to record the file "
                          "in _rejects/ and go on]")
-    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "parquet", 0, None, None, 0, bad.reason, bad.detail)]
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "parquet", 0, None, None, 0, bad.reason, bad.detail,
+                     **_pin(f))]
 
 
 def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
     try:
-        meta = read_metadata(f.url, cfg.storage_options)
+        meta = read_metadata(f.url, cfg.storage_options, Pin(f.size, f.version))
         schema = meta.schema.to_arrow_schema()
         _check_parquet_schema(f, schema, cfg)
     except CorruptFile as bad:
@@ -153,16 +170,17 @@ def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
             end = row_start + rows
             items.append(
                 WorkItem(_item_id(f, row_start, end), f.url, f.rel, "parquet", row_start, end,
-                         (g_start, g + 1), int(text_bytes / BYTES_PER_TOKEN))
+                         (g_start, g + 1), int(text_bytes / BYTES_PER_TOKEN), **_pin(f))
             )
             g_start, row_start, rows, text_bytes = g + 1, end, 0, 0
     if not items:
-        items.append(WorkItem(_item_id(f, 0, 0), f.url, f.rel, "parquet", 0, 0, (0, 0), 0))
+        items.append(WorkItem(_item_id(f, 0, 0), f.url, f.rel, "parquet", 0, 0, (0, 0), 0, **_pin(f)))
     return items
 
 
 def _plan_jsonl(f: InputFile) -> list[WorkItem]:
-    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN))]
+    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN),
+                     **_pin(f))]
 
 
 def _without_protocol(url: str) -> str:

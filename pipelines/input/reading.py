@@ -17,10 +17,9 @@ import pyarrow.compute as pc
 from common.columns import ITEM, ITEM_JSON, ITEM_ROWS, READ_BOOKKEEPING, REJECT, ROW
 from common.errors import InputError
 from pipelines.config import FieldSpec, SourceConfig
-from pipelines.input.parquet_io import CorruptFile, read_row_groups
+from pipelines.input.parquet_io import CorruptFile, open_pinned, read_row_groups
 from pipelines.input.plan import WorkItem
 from pipelines.stages import EVERY_COLUMN, stage
-from pipelines.storage import open_input
 
 NO_REASON = pa.scalar(None, pa.string())
 
@@ -63,7 +62,7 @@ def _read_parquet(item: WorkItem, cfg: SourceConfig) -> pa.Table:
     columns = list(dict.fromkeys([fs.column for fs in fields if fs.column] + cfg.extra_columns))
     g0, g1 = item.row_groups or (0, 0)
     try:
-        table = read_row_groups(item.url, cfg.storage_options, range(g0, g1), columns)
+        table = read_row_groups(item.url, cfg.storage_options, range(g0, g1), columns, item.pin)
     except CorruptFile as bad:
         if cfg.on_bad_file == "fail":
             raise InputError(f"{bad.detail} [on_bad_file: fail]") from None
@@ -96,7 +95,8 @@ def _reject_unreadable(item: WorkItem, cfg: SourceConfig, bad: CorruptFile) -> p
             values = _default_ids(item, item.row_start, n)
         elif fs.kind == "id":
             try:
-                ids = read_row_groups(item.url, cfg.storage_options, range(*item.row_groups), [fs.column])
+                ids = read_row_groups(item.url, cfg.storage_options, range(*item.row_groups), [fs.column],
+                                      item.pin)
                 values = pc.cast(ids.column(fs.column), pa.string())
             except CorruptFile:
                 pass
@@ -136,11 +136,8 @@ def _json_field(fs: FieldSpec, obj: dict[str, Any]) -> tuple[str | None, str | N
 
 
 def _read_jsonl(item: WorkItem, cfg: SourceConfig) -> pa.Table:
-    try:
-        with open_input(item.url, cfg.storage_options) as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise InputError(f"{item.url}: cannot read ({exc})") from None
+    with open_pinned(item.url, cfg.storage_options, item.pin) as fh:  # store errors: StorageReadError
+        data = fh.read()
     fields = cfg.fields()
     lines = [ln for ln in data.split(b"\n") if ln.strip()]
     values: dict[str, list[Any]] = {fs.role: [] for fs in fields}

@@ -5,12 +5,17 @@ is the commit point of one work item and names exactly the files that tile it;
 `_rank_commits/<bucket>.json` does the same for one ranked bucket of a rerank
 job; `_job.json` records fingerprint and plan; `_SUCCESS` closes a finished
 run; `_lock.json` names the one writer. Files no commit names are orphans of
-crashed attempts and are deleted.
+crashed attempts and are deleted: the records themselves are read when deleting
+(each piece's own item record by name, not only a listing), and pieces that no
+record commits yet are given `ORPHAN_GRACE_S` before they go.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
@@ -28,6 +33,33 @@ RANK_COMMITS_DIR = "_rank_commits"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
 
+ORPHAN_GRACE_S = 600.0
+"""How long a piece that no commit record names, of an item or rank bucket that has no record yet, is kept: a
+writer may be about to commit it (a piece is written before its record). Once the item's record exists, it names
+the item's files for good (records are created once), and its other pieces go at once."""
+
+_ITEM_PIECE = re.compile(r"([0-9a-f]{20})-.+\.parquet")
+_RANK_PIECE = re.compile(r"rank-(\d+)-.+\.parquet")
+
+
+def _now() -> float:
+    """The wall clock the grace period is measured by (store times are wall-clock times too)."""
+    return time.time()
+
+
+def _owner(path: str) -> tuple[str, str] | None:
+    """The record that could name a piece, from its file name: (`_commits`, item id) for
+    `<item>-<first>-<last>-<hash>.parquet` and `<item>-file-<hash>.parquet`, (`_rank_commits`, `bucket-<n>`) for
+    `rank-<n>-<hash>.parquet`; None for a name no writer of this version makes."""
+    name = posixpath.basename(path)
+    item = _ITEM_PIECE.fullmatch(name)
+    if item:
+        return COMMITS_DIR, item.group(1)
+    rank = _RANK_PIECE.fullmatch(name)
+    if rank:
+        return RANK_COMMITS_DIR, f"bucket-{int(rank.group(1)):05d}"
+    return None
+
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
@@ -36,8 +68,10 @@ def _dumps(obj: Any) -> bytes:
 class OutputRoot:
     """Reads and writes the control files of one output root."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, orphan_grace_s: float = ORPHAN_GRACE_S):
         self.storage = storage
+        self.orphan_grace_s = orphan_grace_s
+        """`remove_orphans` keeps unnamed pieces of not yet committed items this long (`ORPHAN_GRACE_S`)."""
         self._adopted: dict[str, ItemCommit] = {}
         """Records another writer created first (`write_commit`): their files are not orphans."""
 
@@ -88,10 +122,7 @@ class OutputRoot:
             raise OutputError(f"{self.storage.url}: {len(foreign)} commit(s) carry another fingerprint")
         stale = sorted(set(commits) - planned)
         if stale:
-            raise OutputError(
-                f"{self.storage.url}: {len(stale)} committed item(s) are not in the current plan "
-                f"(input files changed or input.paths differs; e.g. {stale[0]}). Use a new output.path."
-            )
+            raise OutputError(self._stale_message([commits[i] for i in stale], items))
         fence(self.storage)
         self.storage.write_bytes(JOB_FILE, _dumps({
             "fingerprint": fingerprint, "fingerprint_id": fp_id, "config": recorded_config,
@@ -102,9 +133,35 @@ class OutputRoot:
         self.remove_orphans(commits)
         return commits
 
-    def read_rank_commits(self) -> dict[str, RankCommit]:
-        found = {n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json") for n in self._names(RANK_COMMITS_DIR)}
-        return {n: RankCommit.from_json(c) for n, c in sorted(found.items()) if c is not None}
+    def _stale_message(self, stale: list[ItemCommit], items: list[WorkItem]) -> str:
+        """Why committed items are not in the plan, naming their input files: changed (still listed, with another
+        size or version) or no longer listed (removed, or input.paths differs)."""
+        listed = {i.rel for i in items}
+        sources = sorted({c.source for c in stale if c.source})
+        changed = [s for s in sources if s in listed]
+        gone = [s for s in sources if s not in listed]
+
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        why = []
+        if changed:
+            why.append(f"changed since they were committed (size or ETag/mtime differ): {some(changed)}")
+        if gone:
+            why.append(f"no longer listed (removed, or input.paths differs): {some(gone)}")
+        if not why:
+            why.append(f"e.g. item {stale[0].item}")
+        return (f"{self.storage.url}: {len(stale)} committed item(s) are not in the current plan; their input "
+                f"file(s) {'; '.join(why)}. Committed output is never mixed with another version of its input: "
+                "take changed inputs in with `embedrank reindex` (an index re-embeds only what changed), or use a "
+                "new output.path.")
+
+    def read_rank_commits(self, names: Iterable[str] | None = None, max_workers: int = 16) -> dict[str, RankCommit]:
+        """The rank commits listed under `_rank_commits/` (or those of `names`, read directly), by name."""
+        names = list(self._names(RANK_COMMITS_DIR) if names is None else names)
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            found = pool.map(lambda n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json"), names)
+        return {n: RankCommit.from_json(c) for n, c in sorted(zip(names, found)) if c is not None}
 
     def drop_rank_commits(self) -> int:
         """Ranks depend on every score: new scores invalidate them (their files become orphans)."""
@@ -117,17 +174,47 @@ class OutputRoot:
         fence(self.storage)
         self.storage.write_bytes(f"{RANK_COMMITS_DIR}/{record.name}.json", _dumps(record.to_json()))
 
-    def orphans(self, commits: Iterable[ItemCommit]) -> list[str]:
-        """Piece files that neither one of `commits` nor a rank commit names."""
-        named = {p for c in [*commits, *self._adopted.values(), *self.read_rank_commits().values()]
-                 for p in c.named_paths}
-        return [p for d in PIECE_DIRS for p in self.storage.list_files(d) if p not in named]
+    def orphans(self, commits: Iterable[ItemCommit], grace_s: float = 0.0) -> list[str]:
+        """Piece files that no commit record names: neither one of `commits` (records as the store holds them: read
+        from it, or returned by `write_commit`) nor any record in the store now.
+
+        The store's records are read, not only listed: those a listing of `_commits/` shows that `commits` lacks,
+        and, for each piece left, the record of its own item (`_commits/<item>.json`, from the piece's name) or
+        rank bucket, read directly, so a listing that misses a record cannot doom its files. A piece whose item
+        (or bucket) has a record that does not name it is an orphan whatever its age; one whose item has no record
+        yet is an orphan only once older than `grace_s` (0: at once, as `embedrank verify` counts them)."""
+        commits = list(commits)
+        modified = {p: t for d in PIECE_DIRS for p, t in self.storage.list_files_modified(d).items()}
+        named = {p for c in [*commits, *self._adopted.values()] for p in c.named_paths}
+        left = [p for p in modified if p not in named]
+        if not left:
+            return []
+        owners = {p: _owner(p) for p in left}
+        owned = {folder: {o[1] for o in owners.values() if o and o[0] == folder}
+                 for folder in (COMMITS_DIR, RANK_COMMITS_DIR)}
+        in_memory = {c.item for c in commits} | set(self._adopted)
+        stored = self.read_commits(sorted((set(self.commit_ids()) - in_memory) | owned[COMMITS_DIR]))
+        ranks = self.read_rank_commits(sorted(set(self._names(RANK_COMMITS_DIR)) | owned[RANK_COMMITS_DIR]))
+        named |= {p for c in [*stored.values(), *ranks.values()] for p in c.named_paths}
+        recorded = {(COMMITS_DIR, i) for i in [*in_memory, *stored]} | {(RANK_COMMITS_DIR, n) for n in ranks}
+        now = _now()
+
+        def dead(path: str) -> bool:
+            if path in named:
+                return False
+            if owners[path] in recorded:  # its record exists and never names it: nobody can commit it any more
+                return True
+            mtime = modified[path]
+            return grace_s <= 0 or mtime is None or now - mtime >= grace_s
+
+        return [p for p in left if dead(p)]
 
     def remove_orphans(self, commits: dict[str, ItemCommit]) -> list[str]:
-        """Delete piece files that neither an item commit nor a rank commit names, and abort unfinished uploads.
+        """Delete piece files that no commit record names (`orphans`, with `orphan_grace_s`), and abort unfinished
+        uploads.
 
         Only the lock holder calls this, before its graph starts or after it ends: no upload of its own is live."""
-        orphans = self.orphans(commits.values())
+        orphans = self.orphans(commits.values(), self.orphan_grace_s)
         for start in range(0, len(orphans), 1000):  # fenced per batch: a lost lock stops the deletes
             fence(self.storage)
             self.storage.delete(orphans[start:start + 1000])
