@@ -14,28 +14,40 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from actors.batching import plan_micro_batches, plan_packed
+from actors.batching import bucket_tokens, plan_bucketed, plan_micro_batches, plan_packed, token_buckets
 from common.errors import DeviceMemoryError
 
 
 class AdaptiveBudget:
     """Plans micro-batches within `max_tokens` and halves it on CUDA OOM.
 
-    Padded batches (the default) count rows × longest row; `packed` ones count their rows' tokens only."""
+    Padded batches (the default) count rows × longest row; `packed` ones count their rows' tokens only, or,
+    with `min_bucket`, the fixed bucket they are padded up to (`actors.batching.token_buckets(max_tokens,
+    min_bucket)`: the buckets follow a halved budget)."""
 
-    def __init__(self, max_tokens: int, overhead_tokens: int, packed: bool = False):
+    def __init__(self, max_tokens: int, overhead_tokens: int, packed: bool = False, min_bucket: int | None = None):
         self.max_tokens = max_tokens
         self.overhead_tokens = overhead_tokens
         self.packed = packed
+        self.min_bucket = min_bucket if packed else None
         self.halvings = 0
 
+    @property
+    def buckets(self) -> np.ndarray | None:
+        """The token counts bucketed micro-batches are padded to now; None when not bucketing."""
+        return None if self.min_bucket is None else token_buckets(self.max_tokens, self.min_bucket)
+
     def plan(self, lengths: np.ndarray) -> list[np.ndarray]:
+        if self.min_bucket is not None:
+            return plan_bucketed(lengths, self.max_tokens, self.buckets, self.overhead_tokens)
         if self.packed:
             return plan_packed(lengths, self.max_tokens)
         return plan_micro_batches(lengths, self.max_tokens, overhead_tokens=self.overhead_tokens)
 
     def cost(self, lengths: np.ndarray) -> int:
         """Tokens a micro-batch of these lengths computes."""
+        if self.min_bucket is not None:
+            return int(bucket_tokens(int(lengths.sum()), self.buckets))
         return int(lengths.sum()) if self.packed else len(lengths) * int(lengths.max())
 
     def run(self, lengths: np.ndarray, compute: Callable[[np.ndarray], None]) -> list[np.ndarray]:

@@ -6,15 +6,17 @@ pool, and tests call it directly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import BatchStats, pass_overhead_tokens, right_pad, row_padded_lengths
+from actors.attention import cu_seqlens, kernel_name, packed_kernel_works, packed_positions, register
+from actors.batching import MIN_BUCKET_TOKENS, BatchStats, packed_row_tokens, pass_overhead_tokens, right_pad
 from actors.budget import AdaptiveBudget, BudgetedModel
-from actors.loading import flash_attention_available, load_model, load_tokenizer, pad_id, placement, resolve_model_path
+from actors.loading import load_model, load_tokenizer, pad_id, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
 from actors.settings import EmbedSettings
 from actors.tokenize import arrow_to_ids
@@ -28,21 +30,30 @@ VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, p
 class Embedder(BudgetedModel):
     """Runs the model on token id sequences, sorted and cut by a token budget, results in input order.
 
-    `packed` (default: where FlashAttention-2 is installed, on a GPU, in bf16/fp16) concatenates a micro-batch's sequences
-    into one row with per-sequence positions, so no padding is computed at all: transformers then runs
-    variable-length attention (FlashAttention-2's varlen kernels; elsewhere, SDPA with a block-diagonal mask).
+    `packed` concatenates a micro-batch's sequences into one row with per-sequence positions (RoPE restarts
+    at 0) and runs attention on variable-length kernels (`actors.attention`: PyTorch's FlashAttention varlen,
+    or the `flash_attn` package, on a GPU; SDPA with a block-diagonal mask elsewhere), so no padding is
+    computed. Default: packed where such a kernel works (a GPU in bf16/fp16), padded batches elsewhere.
+    `token_buckets` pads each packed micro-batch up to one of a few fixed token counts so shapes repeat.
+    Only each sequence's last hidden state goes through the final norm and pooling.
     """
 
     def __init__(self, path: str, revision: str | None = None, *, dtype: str = "auto", num_gpus: float = 0,
                  dimensions: int | None = None, max_batch_tokens: int = 16384, num_threads: int | None = None,
-                 batch_overhead_tokens: int | None = None, packed: bool | None = None):
+                 batch_overhead_tokens: int | None = None, packed: bool | None = None,
+                 token_buckets: bool = False):
         self.device, self.dtype = placement(num_gpus, dtype, num_threads)
         tok = load_tokenizer(path, revision)
         self.pad_token_id = pad_id(tok)
-        flash = flash_attention_available(self.device) and self.dtype in (torch.bfloat16, torch.float16)
-        self.packed = flash if packed is None else packed
-        self.model = load_model(path, revision, self.dtype, self.device,
-                                "flash_attention_2" if self.packed and flash else None)
+        self.packed = packed_kernel_works(self.device.type, self.dtype) if packed is None else packed
+        self.model = load_model(path, revision, self.dtype, self.device, register() if self.packed else None)
+        if self.packed and "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ()):
+            if packed:
+                raise ModelLoadError(f"model.path {path!r}: packed batches do not support sliding-window layers")
+            self.model.set_attn_implementation("sdpa")
+            self.packed = False
+        self.attention = kernel_name(self.device, self.dtype) if self.packed else "padded"
+        """What runs attention: torch_varlen, flash_attn, sdpa_reference (packed), or padded (SDPA)."""
         self.hidden_size = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > self.hidden_size:
             raise ModelLoadError(
@@ -51,34 +62,69 @@ class Embedder(BudgetedModel):
         self.dimensions = dimensions
         self.dim = dimensions or self.hidden_size
         self.budget = AdaptiveBudget(max_batch_tokens, pass_overhead_tokens(self.device.type, batch_overhead_tokens),
-                                     packed=self.packed)
+                                     packed=self.packed,
+                                     min_bucket=MIN_BUCKET_TOKENS if self.packed and token_buckets else None)
         self.stats = BatchStats()
 
     @torch.inference_mode()
-    def _forward(self, seqs: list[np.ndarray]) -> torch.Tensor:
+    def _forward(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+        """Vectors of one right-padded micro-batch, and the token positions it computed (rows × longest)."""
         ids, mask = right_pad(seqs, self.pad_token_id)
         input_ids = torch.from_numpy(ids).to(self.device)
         attention_mask = torch.from_numpy(mask).to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+        return normalize(last_token_pool(hidden, attention_mask), self.dimensions), int(ids.size)
 
     @torch.inference_mode()
-    def _forward_packed(self, seqs: list[np.ndarray]) -> torch.Tensor:
+    def _forward_packed(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+        """Vectors of one packed micro-batch, and the token positions it computed: its real tokens, plus, with
+        token buckets, a padding sequence that fills the bucket (it attends only to itself; its output is
+        dropped)."""
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        ends = np.cumsum(lengths)
-        positions = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)  # 0.. per sequence
+        n_docs = len(seqs)
+        fill = self.budget.cost(lengths) - int(lengths.sum())
+        if fill > 0:
+            seqs = [*seqs, np.full(fill, self.pad_token_id, dtype=np.int64)]
+            lengths = np.append(lengths, fill)
+        cu = cu_seqlens(lengths)
         input_ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64)[None]).to(self.device)
-        position_ids = torch.from_numpy(positions[None]).to(self.device)
-        hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
-        last = torch.from_numpy(ends - 1).to(self.device)
-        return normalize(hidden.index_select(0, last), self.dimensions)
+        position_ids = torch.from_numpy(packed_positions(lengths)[None]).to(self.device)
+        cu_t = torch.from_numpy(cu).to(self.device)
+        last = torch.from_numpy(cu[1 : n_docs + 1].astype(np.int64) - 1).to(self.device)
+        with self._last_tokens_only(last):
+            hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=int(lengths.max()),
+                                max_length_k=int(lengths.max())).last_hidden_state[0]
+        if hidden.shape[0] != len(last):  # a model without a final `norm` to hook: select here
+            hidden = hidden.index_select(0, last)
+        return normalize(hidden, self.dimensions), int(input_ids.shape[1])
+
+    @contextlib.contextmanager
+    def _last_tokens_only(self, last: torch.Tensor):
+        """While active, the model's final norm (and so its output) sees only the positions `last`."""
+        norm = getattr(self.model, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            yield
+            return
+        def select(_module, args, kwargs):
+            if args:
+                return (args[0].index_select(1, last), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].index_select(1, last)}
+
+        handle = norm.register_forward_pre_hook(select, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def embed_ids(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Vectors (float32, rows × dim) for sequences `values[offsets[i]:offsets[i+1]]`."""
         return self.embed_ids_padded(values, offsets)[0]
 
     def embed_ids_padded(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`embed_ids` and, per row, the tokens computed for it with padding (for efficiency reports)."""
+        """`embed_ids` and, per row, the tokens computed for it (for efficiency reports), as measured on the
+        tensors that ran: padded, its micro-batch's width; packed, its length plus its share of the bucket's
+        padding. They sum to the tokens computed."""
         n = len(offsets) - 1
         out = np.zeros((n, self.dim), dtype=np.float32)
         lengths = np.diff(offsets)
@@ -88,18 +134,26 @@ class Embedder(BudgetedModel):
         started = time.perf_counter()
 
         forward = self._forward_packed if self.packed else self._forward
+        computed: list[int] = []  # per micro-batch that ran, in the order they ran
 
         def compute(rows: np.ndarray) -> None:
             rows = todo[rows]
-            out[rows] = forward([values[offsets[r] : offsets[r + 1]] for r in rows]).cpu().numpy()
+            vectors, tokens = forward([values[offsets[r] : offsets[r + 1]] for r in rows])
+            out[rows] = vectors.cpu().numpy()
+            computed.append(tokens)
 
         batches = [todo[b] for b in self.budget.run(lengths[todo], compute)]
-        computed = lengths.astype(np.int64) if self.packed else row_padded_lengths(n, lengths, batches)
+        if self.packed:
+            per_row = packed_row_tokens(n, lengths, batches, computed)
+        else:
+            per_row = np.zeros(n, dtype=np.int64)
+            for b, tokens in zip(batches, computed):
+                per_row[b] = tokens // len(b)
         self.stats.rows += len(todo)
         self.stats.real_tokens += int(lengths[todo].sum())
-        self.stats.padded_tokens += int(computed.sum())
+        self.stats.padded_tokens += int(sum(computed))
         self.stats.forward_s += time.perf_counter() - started
-        return out, computed
+        return out, per_row
 
 
 def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArray:
@@ -119,7 +173,8 @@ class EmbedReplica:
         path = resolve_model_path(s.path, s.storage_options, expected_digest=s.model_digest)  # URL: cached copy
         self.embedder = Embedder(path, s.revision, dtype=s.dtype, num_gpus=s.num_gpus, dimensions=s.dimensions,
                                  max_batch_tokens=s.max_batch_tokens, num_threads=s.num_threads,
-                                 batch_overhead_tokens=s.batch_overhead_tokens)
+                                 batch_overhead_tokens=s.batch_overhead_tokens, packed=s.packed,
+                                 token_buckets=s.token_buckets)
         self.vector_dtype = s.vector_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -87,13 +87,6 @@ def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torc
     return _from_pretrained(AutoModel, path, revision, dtype, device, attn_implementation)
 
 
-def flash_attention_available(device: torch.device) -> bool:
-    """Whether FlashAttention-2's variable-length kernels can run here (the `flash_attn` package on a GPU)."""
-    from transformers.utils import is_flash_attn_2_available
-
-    return device.type == "cuda" and is_flash_attn_2_available()
-
-
 def load_causal_lm(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A model with its language-model head, as the reranker needs (it reads the "yes"/"no" rows of the head)."""
     return _from_pretrained(AutoModelForCausalLM, path, revision, dtype, device)

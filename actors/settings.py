@@ -43,6 +43,13 @@ class EmbedSettings(ReplicaSettings):
     """Keep the first N dimensions, then re-normalise; None = full size."""
     vector_dtype: str = "float32"
     """Element type of the vectors the replica returns: float32 or float16."""
+    packed: bool | None = None
+    """Padding-free forward passes (micro-batches packed into one sequence, variable-length attention);
+    None = where a varlen kernel works (a GPU in bfloat16/float16), padded batches elsewhere."""
+    token_buckets: bool = False
+    """Packed micro-batches padded up to a few fixed token counts (powers of two up to the budget) so that
+    shapes repeat; the padding counts as computed tokens. Only with packing (ignored on padded batches).
+    Off until CUDA graphs / compile make it pay."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

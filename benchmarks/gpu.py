@@ -19,8 +19,14 @@ N non-embedding parameters (440M for 0.6B), L layers, d = heads × head_dim (204
 QKᵀ and attention·V as full s×s (causal masking could skip half). Padding counts as waste, not work.
 Peak: 989 TFLOP/s bf16 dense for H100 SXM / H200 (756 for H100 PCIe, 312 for A100), or `--peak-tflops`.
 
+"ours" runs packed (padding-free, `actors.attention`: torch's FlashAttention varlen kernel) where such a
+kernel works, as the replica does by default; `--packed` adds "ours padded" (padded batches, SDPA) and
+"ours buckets" (packed, padded up to fixed token buckets) beside it. Our rows' pad eff is the replica's own
+measure of the tokens it computed (`Embedder.stats`: bucket padding counts).
+
     bash benchmarks/gpu.sh .bench_assets/qwen_tokenizer
     python -m benchmarks.gpu --tokenizer DIR --layers 2 --docs 32 --device cpu --dtype float32  # smoke test
+    bash benchmarks/gpu.sh .bench_assets/qwen_tokenizer --packed   # packed vs padded vs token buckets
 """
 
 from __future__ import annotations
@@ -71,6 +77,39 @@ def build_model(out_dir: str, args) -> None:
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
+
+
+class StatsCounter:
+    """`interleaved`'s token counter for our methods, read from the replica's own `Embedder.stats` (measured on
+    the tensors that ran), so packed rows, whose forward passes carry no attention mask, report their
+    padding too."""
+
+    def __init__(self, embedder):
+        self.stats, self.enabled = embedder.stats, False
+        self.reset()
+
+    def reset(self) -> None:
+        self._real0, self._computed0 = self.stats.real_tokens, self.stats.padded_tokens
+
+    @property
+    def real(self) -> int:
+        return self.stats.real_tokens - self._real0
+
+    @property
+    def computed(self) -> int:
+        return self.stats.padded_tokens - self._computed0
+
+
+def ours_method(tmp: str, args, *, name: str = "ours", packed: bool | None = None, buckets: bool = False,
+                **kwargs) -> ec.Ours:
+    from actors.batching import MIN_BUCKET_TOKENS
+
+    m = ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype, name=name, packed=packed,
+                **{"max_batch_tokens": args.max_batch_tokens, "batch_rows": args.batch_rows, **kwargs})
+    if buckets:
+        m.embedder.budget.min_bucket = MIN_BUCKET_TOKENS  # what `Embedder(token_buckets=True)` sets
+    m.counter = StatsCounter(m.embedder)
+    return m
 
 
 def corpus(maker: ec.TextMaker, lengths: np.ndarray) -> list[str]:
@@ -130,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="ROWS:TOKENS of a second 'ours' setting (configs/backfill.yaml's); '' for none")
     p.add_argument("--extra-overhead", type=int, nargs="*", default=[],
                    help="also run 'ours' with each of these model.batch_overhead_tokens (the GPU default is 8192)")
+    p.add_argument("--packed", action="store_true",
+                   help="also run 'ours padded' (packed=False) and 'ours buckets' (packed, token buckets)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=150,
                    help="seconds from start after which no new timing round starts (each method keeps ≥1 round)")
@@ -165,17 +206,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model built and saved ({args.dtype}) in {time.monotonic() - t0:.1f}s")
 
         t0 = time.monotonic()
-        ours = ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype,
-                       max_batch_tokens=args.max_batch_tokens, batch_rows=args.batch_rows)
+        ours = ours_method(tmp, args)
         methods: list[ec.Method] = [ours]
+        if args.packed:
+            methods.append(ours_method(tmp, args, name="ours padded", packed=False))
+            methods.append(ours_method(tmp, args, name="ours buckets", packed=True, buckets=True))
         if args.extra_ours:
             rows, tokens = (int(x) for x in args.extra_ours.split(":"))
-            methods.append(ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype,
-                                   max_batch_tokens=tokens, batch_rows=rows, name=f"ours {rows}:{tokens}"))
+            methods.append(ours_method(tmp, args, name=f"ours {rows}:{tokens}", max_batch_tokens=tokens,
+                                       batch_rows=rows))
         for overhead in args.extra_overhead:
-            methods.append(ec.Ours(tmp, args.doc_tokens, device=args.device, dtype=args.dtype,
-                                   max_batch_tokens=args.max_batch_tokens, batch_rows=args.batch_rows,
-                                   batch_overhead_tokens=overhead, name=f"ours o{overhead}"))
+            methods.append(ours_method(tmp, args, name=f"ours o{overhead}", batch_overhead_tokens=overhead))
         methods.append(ec.Card(tmp, args.doc_tokens, device=args.device, dtype=DTYPES[args.dtype],
                                batch=args.batch))
         if not args.no_st:
@@ -188,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             except ImportError as exc:
                 print(f"sentence-transformers skipped: {exc}")
         model = ours.embedder.model
+        layout = f"packed, attention {ours.embedder.attention}" if ours.embedder.packed else "padded (SDPA)"
         n_params = ec.non_embedding_params(model)
         cfg = model.config
         attn_width = cfg.num_attention_heads * cfg.head_dim
@@ -195,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{n_params / 1e6:.1f}M, {cfg.num_hidden_layers} layers, attention width {attn_width}; "
               f"FLOPs/token at 512 = {(2 * n_params + 4 * cfg.num_hidden_layers * attn_width * 512) / 1e9:.3f} G; "
               f"ours: {args.batch_rows} rows per call, token budget {args.max_batch_tokens}, pass overhead "
-              f"{ours.embedder.budget.overhead_tokens} tokens, {'packed (FlashAttention-2 varlen)' if ours.embedder.packed else 'padded (SDPA)'}"
+              f"{ours.embedder.budget.overhead_tokens} tokens, {layout}"
               f"{f' (and {args.extra_ours})' if args.extra_ours else ''}; peers: batch {args.batch}")
         maker = ec.TextMaker(load_tokenizer(tmp), args.seed)
         deadline_total = started + args.time_budget

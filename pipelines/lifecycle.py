@@ -198,7 +198,7 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
 
 def close_output(root: OutputRoot, commits: dict[str, ItemCommit], totals: Totals) -> list[str]:
     """End of a run, lock held: drop orphans, write `_SUCCESS` and the report; returns the orphans removed."""
-    removed = root.remove_orphans(commits)
+    removed = root.remove_orphans(commits, planned=commits.keys())  # every planned item is committed by now
     root.write_success(totals)
     write_report(root, commits, totals.wall_s)
     return removed

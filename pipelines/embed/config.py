@@ -40,6 +40,13 @@ class ModelConfig(ModelConfigBase):
         "query and is formatted `Instruct: {instruction}\\nQuery:{text}`.",
     )
     max_length: int = Field(8192, ge=2, description="Tokens per text, the appended end token included.")
+    packed: bool | None = Field(
+        None, description="Padding-free forward passes: a micro-batch's texts concatenated into one sequence with "
+        "variable-length attention (PyTorch's FlashAttention varlen kernels on CUDA, `flash_attn` if installed; SDPA "
+        "with a block-diagonal mask elsewhere). Null = on where a GPU kernel runs (CUDA, bf16/fp16), off on CPU.")
+    token_buckets: bool = Field(
+        False, description="With `packed`: pad each packed micro-batch to one of a few fixed token counts, so shapes "
+        "repeat (for CUDA graphs / compile; unmeasured so far, so off).")
 
 
 class OutputConfig(Strict):
@@ -75,4 +82,5 @@ class EmbedJobConfig(EmbeddingJobBase):
     def replica_settings(self, model_digest: str | None) -> EmbedSettings:
         """What each embedding replica loads and how it runs."""
         return EmbedSettings(**self._replica_fields(model_digest), dimensions=self.model.dimensions,
-                             vector_dtype=self.output.vector_dtype)
+                             vector_dtype=self.output.vector_dtype, packed=self.model.packed,
+                             token_buckets=self.model.token_buckets)

@@ -17,7 +17,8 @@ import posixpath
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from collections.abc import Collection, Iterable
+from typing import Any
 
 from common import failpoints
 from common.errors import OutputError
@@ -130,7 +131,7 @@ class OutputRoot:
         }))
         if self.storage.exists(SUCCESS_FILE):
             self.storage.delete([SUCCESS_FILE])
-        self.remove_orphans(commits)
+        self.remove_orphans(commits, planned)
         return commits
 
     def _stale_message(self, stale: list[ItemCommit], items: list[WorkItem]) -> str:
@@ -174,7 +175,8 @@ class OutputRoot:
         fence(self.storage)
         self.storage.write_bytes(f"{RANK_COMMITS_DIR}/{record.name}.json", _dumps(record.to_json()))
 
-    def orphans(self, commits: Iterable[ItemCommit], grace_s: float = 0.0) -> list[str]:
+    def orphans(self, commits: Iterable[ItemCommit], grace_s: float = 0.0,
+                planned: Collection[str] | None = None) -> list[str]:
         """Piece files that no commit record names: neither one of `commits` (records as the store holds them: read
         from it, or returned by `write_commit`) nor any record in the store now.
 
@@ -182,7 +184,8 @@ class OutputRoot:
         and, for each piece left, the record of its own item (`_commits/<item>.json`, from the piece's name) or
         rank bucket, read directly, so a listing that misses a record cannot doom its files. A piece whose item
         (or bucket) has a record that does not name it is an orphan whatever its age; one whose item has no record
-        yet is an orphan only once older than `grace_s` (0: at once, as `embedrank verify` counts them)."""
+        yet is an orphan only once older than `grace_s` (0: at once, as `embedrank verify` counts them), unless
+        its item is not one of the `planned` items: then nothing will ever commit it."""
         commits = list(commits)
         modified = {p: t for d in PIECE_DIRS for p, t in self.storage.list_files_modified(d).items()}
         named = {p for c in [*commits, *self._adopted.values()] for p in c.named_paths}
@@ -204,17 +207,20 @@ class OutputRoot:
                 return False
             if owners[path] in recorded:  # its record exists and never names it: nobody can commit it any more
                 return True
+            owner = owners[path]
+            if planned is not None and (owner is None or (owner[0] == COMMITS_DIR and owner[1] not in planned)):
+                return True  # a piece of no planned item (or a name no writer makes): nobody will ever commit it
             mtime = modified[path]
             return grace_s <= 0 or mtime is None or now - mtime >= grace_s
 
         return [p for p in left if dead(p)]
 
-    def remove_orphans(self, commits: dict[str, ItemCommit]) -> list[str]:
+    def remove_orphans(self, commits: dict[str, ItemCommit], planned: Collection[str] | None = None) -> list[str]:
         """Delete piece files that no commit record names (`orphans`, with `orphan_grace_s`), and abort unfinished
         uploads.
 
         Only the lock holder calls this, before its graph starts or after it ends: no upload of its own is live."""
-        orphans = self.orphans(commits.values(), self.orphan_grace_s)
+        orphans = self.orphans(commits.values(), self.orphan_grace_s, planned)
         for start in range(0, len(orphans), 1000):  # fenced per batch: a lost lock stops the deletes
             fence(self.storage)
             self.storage.delete(orphans[start:start + 1000])

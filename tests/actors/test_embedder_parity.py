@@ -94,7 +94,8 @@ def test_texts_longer_than_max_length_match_the_card_and_keep_the_end_token(tiny
 
 
 def test_packed_sequences_match_the_card_with_no_padding_computed(tiny_embedding_model):
-    """The padding-free path (FlashAttention-2 varlen on a GPU) runs here through SDPA's block-diagonal mask."""
+    """The padding-free path (varlen kernels on a GPU) runs here through `actors.attention`'s CPU reference,
+    SDPA with a block-diagonal mask (more in test_packed_embedder.py)."""
     texts = DOCUMENTS + [LONG, LONG[::-1], "y"]
     got, ids, _ = ours(tiny_embedding_model, texts, 256, budget=300, packed=True)
     want = card_embed(tiny_embedding_model, texts, 256)

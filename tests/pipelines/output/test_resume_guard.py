@@ -1,6 +1,7 @@
 """Resuming into an output made with other model or input settings is refused, naming the difference."""
 
 import copy
+import json
 
 import pytest
 
@@ -9,6 +10,7 @@ from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import embed_fingerprint, run_embed
 from pipelines.fingerprint import fingerprint_id
 from pipelines.input.plan import make_plan
+from pipelines.output.records import ItemCommit
 from pipelines.output.root import OutputRoot
 from pipelines.rerank.config import RerankJobConfig
 from pipelines.rerank.job import rerank_fingerprint
@@ -130,3 +132,49 @@ def rerank_data(tmp_path, documents=False):
 def test_changed_rerank_input_settings_are_refused(tmp_path, setting, value, documents, named):
     data = rerank_data(tmp_path, documents)
     assert named in refusal(rerank_fingerprint, *changed(RerankJobConfig, data, setting, value))
+
+
+def two_file_output(tmp_path):
+    """An output prepared for a two-file corpus, each item committed: (config, fingerprint, fp id, root, plan)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "alpha"}\n')
+    (corpus / "b.jsonl").write_text('{"text": "beta"}\n')
+    cfg = EmbedJobConfig.model_validate(embed_data(tmp_path))
+    fingerprint = embed_fingerprint(cfg)
+    fp_id = fingerprint_id(fingerprint)
+    root = OutputRoot(Storage(cfg.output.path))
+    items = make_plan(cfg.input).items
+    assert sorted(i.rel for i in items) == ["a.jsonl", "b.jsonl"]
+    root.prepare(fingerprint, fp_id, items, {})
+    for item in items:
+        root.write_commit(ItemCommit(item=item.item_id, fingerprint_id=fp_id, source=item.rel,
+                                     row_start=item.row_start, row_end=1, rows=1))
+    assert OutputRoot(Storage(cfg.output.path)).prepare(fingerprint, fp_id, items, {}).keys() == \
+        {i.item_id for i in items}  # a consistent output resumes
+    return cfg, fingerprint, fp_id, root, items
+
+
+def test_a_commit_record_of_another_fingerprint_is_refused(tmp_path):
+    """`_job.json` matches the run, but one record in `_commits/` was written by another job: refused, not mixed."""
+    cfg, fingerprint, fp_id, root, items = two_file_output(tmp_path)
+    record = tmp_path / "out" / "_commits" / f"{items[1].item_id}.json"
+    data = json.loads(record.read_text())
+    data["fingerprint_id"] = "0" * len(fp_id)
+    record.write_text(json.dumps(data))
+    assert root.read_job()["fingerprint_id"] == fp_id
+    with pytest.raises(OutputError, match=r"1 commit\(s\) carry another fingerprint"):
+        OutputRoot(Storage(cfg.output.path)).prepare(fingerprint, fp_id, items, {})
+    assert json.loads(record.read_text())["fingerprint_id"] == "0" * len(fp_id)  # nothing was touched
+
+
+def test_a_committed_item_missing_from_the_plan_is_refused_naming_its_file(tmp_path):
+    """The input folder lost a file whose item is committed: the run is refused and names the file."""
+    cfg, fingerprint, fp_id, root, _ = two_file_output(tmp_path)
+    (tmp_path / "corpus" / "b.jsonl").unlink()
+    plan = make_plan(cfg.input).items
+    assert [i.rel for i in plan] == ["a.jsonl"]
+    with pytest.raises(OutputError, match=r"1 committed item\(s\) are not in the current plan") as err:
+        OutputRoot(Storage(cfg.output.path)).prepare(fingerprint, fp_id, plan, {})
+    assert "no longer listed (removed, or input.paths differs): b.jsonl" in str(err.value)
+    assert [i["rel"] for i in root.read_job()["items"]] == ["a.jsonl", "b.jsonl"]  # `_job.json` not rewritten
