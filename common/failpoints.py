@@ -19,6 +19,7 @@ The points:
 - before_commit_write  driver, before a commit record is written
 - after_commit_write   driver, after a commit record is written, before the next piece is read
 - replica_batch        model replica (embed or rerank actor), before it computes a batch
+- before_pointer_write driver (reindex), after the version's `_SUCCESS`, before the index pointer names it
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import collections
 import os
 import time
 
-POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch")
+POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch",
+          "before_pointer_write")
 _hits: collections.Counter[str] = collections.Counter()
 
 

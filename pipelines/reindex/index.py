@@ -21,6 +21,7 @@ import posixpath
 import re
 from typing import Any, TextIO
 
+from common import failpoints
 from common.errors import OutputError
 from pipelines.output.lock import fence
 from pipelines.output.root import SUCCESS_FILE, OutputRoot
@@ -126,6 +127,7 @@ class IndexRoot:
             self.current()
         (seen,) = self._pointer_seen or (None,)
         fence(self.storage)
+        failpoints.hit("before_pointer_write")
         try:  # the swap: If-Match on the pointer this run read (If-None-Match: * for the first version)
             etag = self.storage.create(CURRENT_FILE, data) if seen is None else self.storage.replace(
                 CURRENT_FILE, data, seen)

@@ -67,8 +67,12 @@ def vectors(table: pa.Table) -> np.ndarray:
     return emb.values.to_numpy().reshape(len(emb), -1)
 
 
+@pytest.mark.parametrize("failpoint, committed_at_kill, success_at_kill", [
+    ("after_commit_write@2", 2, False),  # mid-build
+    ("before_pointer_write", 6, True),  # the version is complete (`_SUCCESS`), the pointer not yet written
+])
 def test_reindex_killed_mid_build_keeps_the_previous_version_and_resumes(
-        ray_local, session_ray, tiny_embedding_model, tmp_path):
+        ray_local, session_ray, tiny_embedding_model, tmp_path, failpoint, committed_at_kill, success_at_kill):
     snap1, snap2 = snapshot(tmp_path / "snap1", False), snapshot(tmp_path / "snap2", True)
     index_url = str(tmp_path / "index")
     index = IndexRoot(Storage(index_url))
@@ -76,12 +80,12 @@ def test_reindex_killed_mid_build_keeps_the_previous_version_and_resumes(
     v1 = by_id(read_committed(index_url))
     assert v1.num_rows == 60
 
-    # the next version, as its own driver process joined to the session's Ray, killed after its 2nd commit
+    # the next version, as its own driver process joined to the session's Ray, killed at `failpoint`
     cfg = tmp_path / "reindex2.yaml"
     cfg.write_text(json.dumps(spec(snap2, index_url, tiny_embedding_model, session_ray)))
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "reindex", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=job_process_env(driver_env={"EMBEDRANK_FAILPOINTS": "after_commit_write@2"}))
+                            env=job_process_env(driver_env={"EMBEDRANK_FAILPOINTS": failpoint}))
     reads = 0
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -95,8 +99,9 @@ def test_reindex_killed_mid_build_keeps_the_previous_version_and_resumes(
     assert proc.returncode == 137 and reads > 0, err[-3000:]
 
     v2 = index.version_root("v000002")
-    assert len(v2.commit_ids()) == 2 and len(v2.planned_item_ids()) == 6  # killed mid-build: 2 of 6 committed
-    assert not (tmp_path / "index" / "v000002" / "_SUCCESS").exists()
+    assert len(v2.commit_ids()) == committed_at_kill and len(v2.planned_item_ids()) == 6
+    assert all(c.carried_from is None and c.rows == 10 for c in v2.read_commits().values())  # built, not kept
+    assert (tmp_path / "index" / "v000002" / "_SUCCESS").exists() == success_at_kill
     assert index.current()["version"] == "v000001"
     assert json.loads((tmp_path / "index" / CURRENT_FILE).read_text())["version"] == "v000001"
     assert by_id(read_committed(index_url)).equals(v1)  # after the crash too
