@@ -8,23 +8,12 @@ not name it is dead for good (a record is created once) and goes at once, so an 
 
 import time
 
-import pytest
-
 from pipelines.output import root as root_module
 from pipelines.output.records import FileRef, ItemCommit, RankCommit
 from pipelines.output.root import COMMITS_DIR, ORPHAN_GRACE_S, OutputRoot
 from pipelines.storage import Storage
 
 A, B, C = "a" * 20, "b" * 20, "c" * 20  # item ids as plans make them (20 hex digits)
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def store(request, tmp_path):
-    """An empty output root on local disk or on the test S3 server (SeaweedFS)."""
-    if request.param == "local":
-        return Storage(str(tmp_path / "out"))
-    bucket, options = request.getfixturevalue("s3_bucket")
-    return Storage(f"s3://{bucket}/out", options)
 
 
 def piece(store, item, first=0, last=0, folder="data"):
