@@ -162,16 +162,6 @@ def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
     return int(sum(len(b) * int(lengths[b].max()) for b in batches if len(b)))
 
 
-def row_padded_lengths(n: int, lengths: np.ndarray, batches: list[np.ndarray]) -> np.ndarray:
-    """Each row's length as computed, padding included (its micro-batch's longest row); 0 for rows not run."""
-    lengths = np.asarray(lengths)
-    out = np.zeros(n, dtype=np.int64)
-    for b in batches:
-        if len(b):
-            out[b] = int(lengths[b].max())
-    return out
-
-
 def right_pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) of shape rows × longest, real tokens first: positions start at 0 in every row."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
