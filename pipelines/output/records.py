@@ -295,7 +295,6 @@ class Totals:
     scored: int | None = None
     queries: int | None = None
     top_k: int | None = None
-    rerank: bool = False
 
     @classmethod
     def of(cls, commits: Iterable[ItemCommit]) -> "Totals":
@@ -313,13 +312,13 @@ class Totals:
         reasons = sum_reasons([self.reject_reasons, {"duplicate_pair": duplicates} if duplicates else {}])
         return dataclasses.replace(self, rejected=self.rejected + duplicates, reject_reasons=reasons,
                                    scored=self.rows, rows=sum(r.rows for r in ranks),
-                                   queries=sum(r.queries for r in ranks), top_k=top_k, rerank=True)
+                                   queries=sum(r.queries for r in ranks), top_k=top_k)
 
     def to_json(self) -> dict[str, Any]:
         data = {"items": self.items, "rows": self.rows, "rejected": self.rejected,
                 "reject_reasons": self.reject_reasons, "tokens": self.tokens, "carried": self.carried,
                 "rejected_files": [dict(f) for f in self.rejected_files]}
-        if self.rerank:
+        if self.scored is not None:  # a rerank job's (`ranked`)
             data.update(scored=self.scored, queries=self.queries, top_k=self.top_k)
         if self.wall_s is not None:
             data["wall_s"] = self.wall_s
