@@ -14,6 +14,7 @@ test_reindex.py) and a carried vector equals a recomputed one bit for bit.
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -67,16 +68,30 @@ def vectors(table: pa.Table) -> np.ndarray:
     return emb.values.to_numpy().reshape(len(emb), -1)
 
 
+@pytest.fixture(scope="module")
+def built(ray_local, tiny_embedding_model, tmp_path_factory):
+    """What both crash cases start from and end at, built once: v1 of snapshot 1, and a clean reindex of
+    snapshot 2 on top of it (the reference a crashed and resumed reindex must equal bit for bit)."""
+    root = tmp_path_factory.mktemp("reindex-crashes")
+    snap1, snap2 = snapshot(root / "snap1", False), snapshot(root / "snap2", True)
+    v1_url = str(root / "v1")
+    assert reindex(spec(snap1, v1_url, tiny_embedding_model))["published"] == "v000001"
+    clean_url = str(root / "clean")
+    shutil.copytree(v1_url, clean_url)
+    assert reindex(spec(snap2, clean_url, tiny_embedding_model))["published"] == "v000002"
+    return snap1, snap2, v1_url, by_id(read_committed(clean_url))
+
+
 @pytest.mark.parametrize("failpoint, committed_at_kill, success_at_kill", [
     ("after_commit_write@2", 2, False),  # mid-build
     ("before_pointer_write", 6, True),  # the version is complete (`_SUCCESS`), the pointer not yet written
 ])
 def test_reindex_killed_mid_build_keeps_the_previous_version_and_resumes(
-        ray_local, session_ray, tiny_embedding_model, tmp_path, failpoint, committed_at_kill, success_at_kill):
-    snap1, snap2 = snapshot(tmp_path / "snap1", False), snapshot(tmp_path / "snap2", True)
+        built, session_ray, tiny_embedding_model, tmp_path, failpoint, committed_at_kill, success_at_kill):
+    _, snap2, v1_url, clean = built
     index_url = str(tmp_path / "index")
+    shutil.copytree(v1_url, index_url)  # v1 of snapshot 1, published
     index = IndexRoot(Storage(index_url))
-    assert reindex(spec(snap1, index_url, tiny_embedding_model))["published"] == "v000001"
     v1 = by_id(read_committed(index_url))
     assert v1.num_rows == 60
 
@@ -122,10 +137,6 @@ def test_reindex_killed_mid_build_keeps_the_previous_version_and_resumes(
     assert got.column("id").equals(v1.column("id"))
 
     # equal to a clean reindex of the same two snapshots, bit for bit
-    clean_url = str(tmp_path / "clean")
-    reindex(spec(snap1, clean_url, tiny_embedding_model))
-    assert reindex(spec(snap2, clean_url, tiny_embedding_model))["published"] == "v000002"
-    clean = by_id(read_committed(clean_url))
     assert got.column("id").equals(clean.column("id"))
     assert np.array_equal(vectors(got), vectors(clean))
     assert not np.array_equal(vectors(got), vectors(v1))  # the edited documents did change
