@@ -99,15 +99,15 @@ def test_a_delay_failpoint_sleeps_on_every_hit(monkeypatch):
 @pytest.mark.integration
 def test_the_model_pool_grows_to_max_replicas_under_load_and_never_past_it(ray_local, tiny_embedding_model,
                                                                            tmp_path, monkeypatch, capsys):
-    # Load without CPU: every replica batch sleeps 1.5 s (failpoint `delay`), so work queues up at the pool while
+    # Load without CPU: every replica batch sleeps 1 s (failpoint `delay`), so work queues up at the pool while
     # the second replica still gets the CPU it needs to start. (A CPU-heavy model starves that start on 2 cores:
     # it then took 40 s and the job was nearly done before replica 2 came up.)
     from pipelines import graph
 
     model_pool = graph.model_pool
     monkeypatch.setattr(graph, "model_pool", lambda compute: {
-        **model_pool(compute), "runtime_env": {"env_vars": {"EMBEDRANK_FAILPOINTS": "replica_batch:delay=1.5"}}})
-    rows = write_corpus(tmp_path / "corpus", shards=6, rows=120, words=2)
+        **model_pool(compute), "runtime_env": {"env_vars": {"EMBEDRANK_FAILPOINTS": "replica_batch:delay=1"}}})
+    rows = write_corpus(tmp_path / "corpus", shards=4, rows=120, words=2)  # 24 items: 24 s on one replica
     cfg = EmbedJobConfig.model_validate({
         "input": {"paths": [f"{tmp_path}/corpus/*.parquet"], "id_column": "doc_id", "rows_per_item": 20},
         "model": {"path": str(tiny_embedding_model), "max_length": 32},
@@ -125,7 +125,7 @@ def test_the_model_pool_grows_to_max_replicas_under_load_and_never_past_it(ray_l
     changes = sampler.changes()
     with capsys.disabled():
         print(f"\nreplicas over time (s, alive, in pool incl. starting): {changes}; job {summary['wall_s']}s")
-    assert summary["rows"] == rows and summary["items_processed"] == 36
+    assert summary["rows"] == rows and summary["items_processed"] == 24
     assert verify_output(str(tmp_path / "out")).ok
     alive = [a for _, a, _ in sampler.samples]
     pool = [p for _, _, p in sampler.samples]
