@@ -20,6 +20,7 @@ The points:
 - after_commit_write   driver, after a commit record is written, before the next piece is read
 - replica_batch        model replica (embed or rerank actor), before it computes a batch
 - before_pointer_write driver (reindex), after the version's `_SUCCESS`, before the index pointer names it
+- rank_bucket          rank task (rerank phase 2), before it ranks and writes a bucket
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import time
 
 POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch",
-          "before_pointer_write")
+          "before_pointer_write", "rank_bucket")
 _hits: collections.Counter[str] = collections.Counter()
 
 

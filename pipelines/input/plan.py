@@ -4,20 +4,29 @@ A work item is `(file, row_start, row_end)` with an id hashed from the file's
 relative path (relative to the common prefix of every input's folder, so unique
 across globs), version and the range, so the same input always plans the same
 items. Parquet footers give row counts and let big files split at row-group
-boundaries; JSONL files are one item each and their row count is learnt when read.
-Each item also pins its file as listed (size and version: S3 ETag, local mtime), and
-readers fail the job naming the file if it is no longer that version (`parquet_io.Pin`).
+boundaries. A JSONL file larger than `input.jsonl_item_mb` is cut into ⌈size ÷ that⌉
+equal byte ranges `[byte_start, byte_end)` (`jsonl_ranges`), planned from its size
+alone (no scan); a range owns every line that *starts* inside it, so each line is
+read by exactly one item (`pipelines.input.reading`). A smaller JSONL file is one
+item, read whole, as is a compressed one (`.gz`, `.zst`, … by name: a compressed
+stream has no byte offsets to cut at; embedrank reads no compressed JSONL today,
+the rule only keeps a future decompressing reader correct). JSONL row counts are
+learnt when read. Each item also pins its file as listed (size and version: S3 ETag,
+local mtime), and readers fail the job naming the file if it is no longer that
+version (`parquet_io.Pin`); ranged reads are checked the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+from fsspec.utils import infer_compression
 
 from common.errors import InputError
 from pipelines.config import SourceConfig
@@ -45,6 +54,15 @@ class WorkItem:
     """The file's size as planned; with `version`, its pinned identity (None in items recorded before pins)."""
     version: str | None = None
     """The file's version tag as planned (S3: ETag; local disk: mtime); readers check it (`parquet_io.Pin`)."""
+    byte_start: int | None = None
+    """A JSONL item cut from a larger file: its byte range `[byte_start, byte_end)`, owning every line that starts
+    in it; its rows (`_row`) count that item's non-blank lines from 0. None: the whole file."""
+    byte_end: int | None = None
+
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        """`(byte_start, byte_end)` of a JSONL item cut from a larger file; None for a whole file."""
+        return None if self.byte_start is None or self.byte_end is None else (self.byte_start, self.byte_end)
 
     @property
     def pin(self) -> Pin | None:
@@ -117,7 +135,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _item_id(f: InputFile, start: int, end: int | None) -> str:
+def _item_id(f: InputFile, start: int | str, end: int | str | None) -> str:
     key = f"{f.rel}\x00{f.size}\x00{f.version}\x00{start}\x00{end}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -178,9 +196,23 @@ def _plan_parquet(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
     return items
 
 
-def _plan_jsonl(f: InputFile) -> list[WorkItem]:
-    return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN),
-                     **_pin(f))]
+def jsonl_ranges(size: int, item_bytes: int) -> list[tuple[int, int]]:
+    """The byte ranges a JSONL file of `size` bytes is cut into: `ceil(size / item_bytes)` ranges of equal size
+    (±1 byte), in file order; one range `(0, size)` when it is no larger than `item_bytes` (then read whole)."""
+    n = max(1, -(-size // max(item_bytes, 1)))
+    bounds = [k * size // n for k in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _plan_jsonl(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
+    ranges = jsonl_ranges(f.size, cfg.jsonl_item_bytes)
+    if len(ranges) == 1 or infer_compression(f.url) is not None:
+        return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN),
+                         **_pin(f))]
+    # the ids of cut items hash their byte range, marked as bytes so that no row range can give the same key
+    return [WorkItem(_item_id(f, f"bytes {start}", f"bytes {end}"), f.url, f.rel, "jsonl", 0, None, None,
+                     int((end - start) / BYTES_PER_TOKEN), **_pin(f), byte_start=start, byte_end=end)
+            for start, end in ranges]
 
 
 def _without_protocol(url: str) -> str:
@@ -212,13 +244,14 @@ def relative_to_common_prefix(files: list[InputFile]) -> list[InputFile]:
 
 
 def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
-    """List, sort and split the input into work items; reads only listings and Parquet footers."""
+    """List, sort and split the input into work items; reads only listings and Parquet footers (a JSONL file is
+    cut by its listed size)."""
     files = relative_to_common_prefix(expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options))
     if cfg.format == "parquet":
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))
     else:
-        per_file = [_plan_jsonl(f) for f in files]
+        per_file = [_plan_jsonl(f, cfg) for f in files]
     items = [item for items in per_file for item in items]
     if items and all(i.bad_reason for i in items):
         raise InputError(f"every input file is unusable, which points at the config rather than the data; "

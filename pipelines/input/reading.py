@@ -2,8 +2,17 @@
 
 The source config says which fields a job needs (`SourceConfig.fields()`); every
 output row carries them under their role names, plus `_reject` (a reason code or
-null), `_item`, `_row` (index in its file), `_item_rows` (rows in the item, learnt
-here for JSONL) and the source's extra (pass-through) columns.
+null), `_item`, `_row` (index in its file; for a JSONL item cut from a larger file,
+index among its item's non-blank lines), `_item_rows` (rows in the item, learnt here
+for JSONL) and the source's extra (pass-through) columns.
+
+A JSONL item with a byte range `[start, end)` owns every line that starts in it: its
+reader skips the partial first line unless `start` is 0 or byte `start - 1` is a
+newline, and reads through the end of the line that straddles `end`. So every line of
+the file belongs to exactly one item whatever the cut (a newline byte never occurs
+inside a multi-byte UTF-8 character), and planning needs only the file's size.
+Generated ids of such rows are `<path>@<byte offset of the line>`, which a user can
+find (`tail -c +<offset + 1> FILE | head -n 1`); of a whole file, `<path>:<row>`.
 """
 
 from __future__ import annotations
@@ -135,19 +144,72 @@ def _json_field(fs: FieldSpec, obj: dict[str, Any]) -> tuple[str | None, str | N
     return value, None
 
 
+READ_PAST_END = 1 << 16
+"""Bytes read at a time past a cut JSONL item's end, to the newline that ends its last line."""
+
+
+def _read_up_to(fh: Any, n: int) -> bytes:
+    """Up to `n` bytes (fewer only at the end of the file)."""
+    parts = []
+    while n > 0:
+        chunk = fh.read(n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def jsonl_bytes(fh: Any, item: WorkItem) -> tuple[bytes, int]:
+    """The bytes of the lines `item` owns and the file offset of the first: a whole file, or for a byte range
+    `[start, end)`, every line that starts in it (see the module's docstring); `(b"", end)` if none does."""
+    if item.byte_range is None:
+        return fh.read(), 0
+    start, end = item.byte_range
+    if start == 0:
+        data, offset = _read_up_to(fh, end), 0
+    else:
+        fh.seek(start - 1)  # the byte before: a newline there means a line starts exactly at `start`
+        head = _read_up_to(fh, end - start + 1)
+        newline = head.find(b"\n")
+        if newline < 0:
+            return b"", end  # inside one line that an earlier item owns
+        data, offset = head[newline + 1:], start + newline
+    if data and not data.endswith(b"\n"):  # the last line owned goes on past `end`: read it to its newline
+        tail = []
+        while chunk := fh.read(READ_PAST_END):
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                tail.append(chunk[:newline + 1])
+                break
+            tail.append(chunk)
+        data += b"".join(tail)
+    return data, offset
+
+
+def jsonl_lines(data: bytes, offset: int) -> list[tuple[int, bytes]]:
+    """The non-blank lines of `data` with the file offset of each (`data` starts at `offset`)."""
+    lines = []
+    for line in data.split(b"\n"):
+        if line.strip():
+            lines.append((offset, line))
+        offset += len(line) + 1
+    return lines
+
+
 def _read_jsonl(item: WorkItem, cfg: SourceConfig) -> pa.Table:
     with open_pinned(item.url, cfg.storage_options, item.pin) as fh:  # store errors: StorageReadError
-        data = fh.read()
+        lines = jsonl_lines(*jsonl_bytes(fh, item))
     fields = cfg.fields()
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
     values: dict[str, list[Any]] = {fs.role: [] for fs in fields}
     extra: dict[str, list[Any]] = {c: [] for c in cfg.extra_columns}
     reasons: list[str | None] = []
-    for row, line in enumerate(lines):
+    cut = item.byte_range is not None
+    for row, (offset, line) in enumerate(lines):
         obj, reason = _parse_line(line)
         for fs in fields:
             if fs.column is None:
-                value, why = f"{item.rel}:{row}", None
+                value, why = (f"{item.rel}@{offset}" if cut else f"{item.rel}:{row}"), None
             else:
                 value, why = _json_field(fs, obj)
             values[fs.role].append(value)

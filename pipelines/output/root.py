@@ -136,7 +136,7 @@ class OutputRoot:
 
     def _stale_message(self, stale: list[ItemCommit], items: list[WorkItem]) -> str:
         """Why committed items are not in the plan, naming their input files: changed (still listed, with another
-        size or version) or no longer listed (removed, or input.paths differs)."""
+        size or version, or cut otherwise) or no longer listed (removed, or input.paths differs)."""
         listed = {i.rel for i in items}
         sources = sorted({c.source for c in stale if c.source})
         changed = [s for s in sources if s in listed]
@@ -147,7 +147,8 @@ class OutputRoot:
 
         why = []
         if changed:
-            why.append(f"changed since they were committed (size or ETag/mtime differ): {some(changed)}")
+            why.append("changed since they were committed (size or ETag/mtime differ), or cut into work items "
+                       f"otherwise (input.rows_per_item or input.jsonl_item_mb differs): {some(changed)}")
         if gone:
             why.append(f"no longer listed (removed, or input.paths differs): {some(gone)}")
         if not why:

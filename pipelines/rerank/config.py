@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from actors import rerank_prompts
 from actors.settings import RerankSettings
 from common.columns import DOC_ID, QUERY, QUERY_ID, TEXT
-from pipelines.config import (FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, model_path_field,
-                              storage_options_field)
+from pipelines.config import (AUTO, FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, auto_or,
+                              model_path_field, storage_options_field)
+
+RankBuckets = auto_or(Annotated[int, Field(ge=1)])
 
 
 class RerankInputConfig(SourceConfig):
@@ -49,8 +51,11 @@ class RerankModelConfig(ModelConfigBase):
 class RerankOutputConfig(Strict):
     path: str = Field(description="Output root (local path or fsspec URL).")
     top_k: int | None = Field(None, gt=0, description="Keep only the best k candidates per query; null = all.")
-    rank_buckets: int = Field(
-        16, gt=0, description="Queries are hashed into this many buckets for ranking; a bucket is committed whole."
+    rank_buckets: RankBuckets = Field(
+        AUTO, description="Queries are hashed into this many buckets for ranking; a bucket is ranked in one task (in "
+        "memory) and committed whole. auto: ⌈committed pairs ÷ 2,000,000⌉ (`pipelines.rerank.ranking."
+        "MAX_PAIRS_PER_BUCKET`, ≈0.7 GiB a task), chosen when the rank phase starts, printed and recorded in each "
+        "rank commit; a resumed rank phase keeps the count its commits record. An integer fixes the count."
     )
     storage_options: dict[str, Any] | None = storage_options_field("the output filesystem")
 

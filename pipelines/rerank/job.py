@@ -23,6 +23,7 @@ from pipelines.output.root import OutputRoot
 from pipelines.preflight import preflight_model
 from pipelines.ray_runtime import stream_rows
 from pipelines.rerank.config import RerankJobConfig
+from pipelines.rerank.ranking import rank_bucket_count
 from pipelines.storage import Storage
 
 
@@ -48,19 +49,29 @@ def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, A
                 outcome: ItemsOutcome, item_order: dict[str, int], stream: TextIO) -> list[RankCommit]:
     """Phase 2: rank the committed scores (every item's) bucket by bucket; returns every rank commit.
 
-    `item_order` is the plan's (`Plan.item_order`): of duplicate pairs, the first by file order is kept."""
+    `item_order` is the plan's (`Plan.item_order`): of duplicate pairs, the first by file order is kept. The bucket
+    count (`rank_bucket_count`) is printed when ranking starts and recorded in each rank commit."""
     commits = outcome.commits.values()
     scored = sum(c.rows for c in commits)
     done = list(root.read_rank_commits().values())
+    recorded = {c.buckets for c in done if c.buckets is not None}
+    if len(recorded) > 1:  # never written so; ranks are derived data, so rank again rather than mix two hashings
+        print(f"rank: the rank commits found record {sorted(recorded)} buckets; ranking again",
+              file=stream, flush=True)
+        root.drop_rank_commits()
+        done, recorded = [], set()
+    buckets, why = rank_bucket_count(cfg.output.rank_buckets, scored, next(iter(recorded), None))
     if scored and sum(c.scored for c in done) < scored:
         from pipelines.rerank.graph import build_rank_graph
 
+        print(f"rank: {buckets} bucket(s) for {scored:,} scored pairs ({why}); {len(done)} already committed",
+              file=stream, flush=True)
         files = [f.path for c in commits for f in c.files]
         skip = sorted(c.bucket for c in done)
-        for row in stream_rows(lambda: build_rank_graph(files, root.storage, fingerprint, cfg.output.rank_buckets,
-                                                        skip, cfg.output.top_k, cfg.compute.io_num_cpus,
-                                                        item_order), cfg.run):
-            root.write_rank_commit(RankCommit.from_row(row, fp_id))
+        for row in stream_rows(lambda: build_rank_graph(files, root.storage, fingerprint, buckets, skip,
+                                                        cfg.output.top_k, cfg.compute.io_num_cpus, item_order),
+                               cfg.run):
+            root.write_rank_commit(RankCommit.from_row(row, fp_id, buckets))
         done = list(root.read_rank_commits().values())
     ranked_scores = sum(c.scored for c in done)
     if ranked_scores != scored:

@@ -18,15 +18,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common import failpoints
 from common.columns import BUCKET, DOC_ID, ITEM, PATH, QUERY_ID, ROW, SCORE
 from pipelines.output.pieces import DATA_DIR, REJECTS_DIR, put_piece, reject_table
 from pipelines.output.records import RankCommit
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
 
+MAX_PAIRS_PER_BUCKET = 2_000_000
+"""Scored pairs a rank bucket holds, on average, with `output.rank_buckets: auto`. One rank task holds its whole
+bucket in memory: measured ≈330-370 bytes a pair at peak with ids of 10-14 characters, 76 of them the bucket's own
+Arrow table (`python -m benchmarks.rank_memory`, benchmarks/results/rank-memory-2026-11-30.txt), so ≈0.7 GiB a task
+at this size, which any worker fits beside the ~0.3 GB it starts with, while a billion pairs still make 500 buckets
+to spread over a cluster. Buckets are hashed by query, so the largest holds a few percent more than the mean."""
+
 SCORE_COLUMNS = [QUERY_ID, DOC_ID, SCORE, ITEM, ROW]
 FILE_ORDER = "_file_order"
 """A score row's work item's position in the plan (`Plan.item_order`), inside `rank_table` only."""
+
+
+def rank_bucket_count(setting: int | str, scored_pairs: int, recorded: int | None = None) -> tuple[int, str]:
+    """How many buckets the rank phase hashes queries into, and why (printed at its start).
+
+    An integer `output.rank_buckets` is used as is. `auto`: the count that rank commits already made (`recorded`)
+    keep, if any, so that a resumed rank phase hashes as its first run did; else ⌈scored pairs ÷
+    `MAX_PAIRS_PER_BUCKET`⌉, at least 1. The committed pair count cannot change between a rank phase's runs (new
+    scores drop every rank commit first), so the recorded count only matters if `MAX_PAIRS_PER_BUCKET` does."""
+    if setting != "auto":
+        return int(setting), f"output.rank_buckets: {setting}"
+    wanted = max(1, -(-scored_pairs // MAX_PAIRS_PER_BUCKET))
+    if recorded is not None:
+        return recorded, (f"output.rank_buckets: auto, as the {recorded} of the rank commits already made"
+                          + (f" (now {wanted})" if recorded != wanted else ""))
+    return wanted, f"output.rank_buckets: auto, ≤ {MAX_PAIRS_PER_BUCKET:,} pairs a bucket"
 
 
 def bucket_of(query_ids: list[str], buckets: int) -> np.ndarray:
@@ -97,6 +121,7 @@ def rank_table(table: pa.Table, top_k: int | None, item_order: Mapping[str, int]
 def rank_bucket(group: pa.Table, storage: Storage, fingerprint: dict, top_k: int | None,
                 item_order: Mapping[str, int]) -> pa.Table:
     """Ray Data stage (map_groups): one bucket's scores in; its ranked file written; one record out."""
+    failpoints.hit("rank_bucket")
     bucket = int(group.column("_bucket")[0].as_py())
     ranked, duplicates = rank_table(group, top_k, item_order)
     fp = json.dumps(fingerprint, sort_keys=True)

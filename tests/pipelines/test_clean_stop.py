@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support.jobs import job_process_env
-from support.sockets import descendant_pids
+from support.sockets import descendant_pids, start_time
 
 from pipelines.output.root import COMMITS_DIR
 from pipelines.output.verify import verify_output
@@ -24,17 +24,6 @@ from pipelines.output.verify import verify_output
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def start_time(pid: int) -> str | None:
-    """A live process's start time (field 22 of /proc/PID/stat; tells it from a reused pid); None when it is gone
-    or a zombie (exited, not yet reaped by whoever inherited it)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def cmdline(pid: int) -> str:

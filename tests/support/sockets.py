@@ -1,4 +1,4 @@
-"""Which sockets a set of processes listens on, read from /proc (no psutil needed)."""
+"""Which processes live and which sockets they hold, read from /proc (no psutil needed)."""
 
 from __future__ import annotations
 
@@ -74,20 +74,47 @@ def _decode_proc_address(hex_addr: str) -> tuple[str, int]:
     return socket.inet_ntop(family, raw), int(port_hex, 16)
 
 
-def listening_sockets(pids: list[int]) -> list[Listener]:
-    """TCP LISTEN and bound UDP sockets owned by any of `pids`."""
+class InetSocket(NamedTuple):
+    proto: str  # "tcp", "tcp6", "udp" or "udp6"
+    state: str  # /proc/net state code: "0A" LISTEN, "01" ESTABLISHED, …
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    inode: int
+
+
+ESTABLISHED, LISTEN, UDP_BOUND = "01", "0A", "07"  # socket states as /proc/net/{tcp,udp} write them
+
+
+def inet_sockets(pids: list[int]) -> list[InetSocket]:
+    """Every TCP and UDP socket (any state) that one of `pids` holds open."""
     inodes = _socket_inodes(pids)
     found = []
-    for proto, wanted_state in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
         try:
-            with open(f"/proc/{pids[0]}/net/{proto}", encoding="ascii") as fh:
+            with open(f"/proc/self/net/{proto}", encoding="ascii") as fh:
                 lines = fh.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            local, state, inode = fields[1], fields[3], int(fields[9])
-            if state == wanted_state and inode in inodes:
-                host, port = _decode_proc_address(local)
-                found.append(Listener(proto, host, port, inode))
+            if int(fields[9]) in inodes:
+                found.append(InetSocket(proto, fields[3], _decode_proc_address(fields[1]),
+                                        _decode_proc_address(fields[2]), int(fields[9])))
     return found
+
+
+def listening_sockets(pids: list[int]) -> list[Listener]:
+    """TCP LISTEN and bound UDP sockets owned by any of `pids`."""
+    return [Listener(s.proto, *s.local, s.inode) for s in inet_sockets(pids)
+            if s.state == (LISTEN if s.proto.startswith("tcp") else UDP_BOUND)]
+
+
+def start_time(pid: int) -> str | None:
+    """A live process's start time (tells it from a reused pid); None when it is gone or a zombie."""
+    fields = _stat_fields(str(pid))
+    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
+
+
+def alive(pids: dict[int, str | None]) -> list[int]:
+    """Those of `pids` (pid → start time, as `start_time` read it) that still run."""
+    return [pid for pid, started in pids.items() if started is not None and start_time(pid) == started]

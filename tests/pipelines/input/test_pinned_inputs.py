@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import InputChanged, OutputError
+from pipelines.config import MIB
 from pipelines.embed.config import InputConfig
 from pipelines.input import parquet_io
 from pipelines.input import plan as plan_module
@@ -88,6 +89,33 @@ def test_a_jsonl_shard_rewritten_after_planning_fails_the_read_naming_it(store):
     write("a.jsonl", b'{"text": "uno"}\n{"text": "dos"}\n')  # same size, other bytes
     with pytest.raises(InputChanged, match=r"a\.jsonl changed since the job was planned"):
         read_item(item, cfg)
+
+
+def test_a_jsonl_shard_cut_into_byte_ranges_reads_them_pinned(store, monkeypatch):
+    """Each range is a ranged read of the pinned version (S3: a range GET with `If-Match`); a rewrite after the
+    file was opened and checked, before its range is read, still fails the read naming the file."""
+    corpus, opts, write = store
+    data = b"".join(json.dumps({"text": f"line {i} \u00e9"}).encode() + b"\n" for i in range(30))
+    write("a.jsonl", data)
+    cfg = InputConfig(paths=[f"{corpus}/*.jsonl"], format="jsonl", storage_options=opts,
+                      jsonl_item_mb=len(data) / 4 / MIB)
+    items = make_plan(cfg).items
+    assert len(items) == 4 and all(i.byte_range for i in items)
+    tables = [read_item(i, cfg) for i in items]
+    assert [t for table in tables for t in table.column("text").to_pylist()] == [f"line {i} \u00e9" for i in range(30)]
+    assert all(table.num_rows for table in tables)
+    opened = parquet_io.open_input
+
+    def open_then_rewrite(url, storage_options):
+        fh = opened(url, storage_options)
+        write("a.jsonl", data.replace(b"line", b"LINE"))  # same size, other bytes
+        return fh
+
+    monkeypatch.setattr(parquet_io, "open_input", open_then_rewrite)
+    with pytest.raises(InputChanged, match=r"a\.jsonl changed since the job was planned") as err:
+        read_item(items[2], cfg)
+    if opts:  # S3: the range GET itself was refused (412), not only the check after the read
+        assert "replaced while being read" in str(err.value)
 
 
 def test_work_items_carry_their_pin_and_old_job_records_still_read(tmp_path):

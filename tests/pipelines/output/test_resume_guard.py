@@ -86,6 +86,7 @@ def embed_data(tmp_path):
     ("input.passthrough_columns", ["lang"], "input.passthrough_columns: [] → ['lang']"),
     ("input.format", "parquet", "input.format: 'jsonl' → 'parquet'"),
     ("input.on_bad_file", "fail", "input.on_bad_file: 'reject' → 'fail'"),
+    ("input.jsonl_item_mb", 1, "input.jsonl_item_mb: 64.0 → 1.0"),  # generated ids of a cut file are byte offsets
 ])
 def test_changed_input_settings_are_refused(tmp_path, setting, value, named):
     message = refusal(embed_fingerprint, *changed(EmbedJobConfig, embed_data(tmp_path), setting, value))
@@ -178,3 +179,26 @@ def test_a_committed_item_missing_from_the_plan_is_refused_naming_its_file(tmp_p
         OutputRoot(Storage(cfg.output.path)).prepare(fingerprint, fp_id, plan, {})
     assert "no longer listed (removed, or input.paths differs): b.jsonl" in str(err.value)
     assert [i["rel"] for i in root.read_job()["items"]] == ["a.jsonl", "b.jsonl"]  # `_job.json` not rewritten
+
+
+def test_with_an_id_column_the_jsonl_cut_is_checked_by_the_plan_not_the_fingerprint(tmp_path):
+    """Ids from a column do not depend on the cut, so a reindex may change it freely; a resume whose items are cut
+    otherwise is still refused (its committed items are not in the plan), naming the settings that cut."""
+    data = embed_data(tmp_path)
+    data["input"]["id_column"] = "id"
+    original, recut = changed(EmbedJobConfig, data, "input.jsonl_item_mb", 30 / (1 << 20))
+    assert embed_fingerprint(original) == embed_fingerprint(recut)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(f'{{"id": "{i}", "text": "t{i}"}}\n' for i in range(4)))
+    fingerprint = embed_fingerprint(original)
+    fp_id = fingerprint_id(fingerprint)
+    (item,) = make_plan(original.input).items
+    root = OutputRoot(Storage(original.output.path))
+    root.prepare(fingerprint, fp_id, [item], {})
+    root.write_commit(ItemCommit(item=item.item_id, fingerprint_id=fp_id, source=item.rel, row_start=0, row_end=4,
+                                 rows=4))
+    cut = make_plan(recut.input).items
+    assert len(cut) > 1 and all(i.byte_range for i in cut)
+    with pytest.raises(OutputError, match=r"1 committed item\(s\) are not in the current plan") as err:
+        OutputRoot(Storage(original.output.path)).prepare(fingerprint, fp_id, cut, {})
+    assert "input.jsonl_item_mb" in str(err.value) and "a.jsonl" in str(err.value)

@@ -31,13 +31,13 @@ def put(fs, path, table):
     fs.pipe(path, buf.getvalue())
 
 
-def job(inp, out, opts, model, documents=None, top_k=None):
+def job(inp, out, opts, model, documents=None, top_k=None, rank_buckets=4):
     return RerankJobConfig.model_validate({
         "input": {"paths": inp, "rows_per_item": 20, "storage_options": opts,
                   **({"text_column": None} if documents else {})},
         **({"documents": {"paths": documents, "storage_options": opts, "join_partitions": 4}} if documents else {}),
         "model": {"path": str(model), "max_length": 96, "max_batch_tokens": 2048, "instruction": INSTRUCTION},
-        "output": {"path": out, "top_k": top_k, "rank_buckets": 4},
+        "output": {"path": out, "top_k": top_k, "rank_buckets": rank_buckets},
         "compute": {"batch_rows": 32},
         "run": {"progress_interval_s": 0.5},
     })
@@ -147,7 +147,7 @@ def test_doc_ids_joined_with_documents_and_top_k_through_a_faulty_s3(ray_local, 
     with FaultyProxy(host, int(port), every=20) as proxy:
         faulty = {**opts, "endpoint_url": proxy.endpoint_url}
         summary = run_rerank(job([f"s3://{bucket}/cands/*.parquet"], out, faulty, tiny_reranker_model,
-                                 documents=[f"s3://{bucket}/docs/*.parquet"], top_k=3))
+                                 documents=[f"s3://{bucket}/docs/*.parquet"], top_k=3, rank_buckets="auto"))
         faults = proxy.stats
     print("proxy:", faults)
     assert all(faults[k] for k in FAULT_KINDS)
@@ -166,3 +166,6 @@ def test_doc_ids_joined_with_documents_and_top_k_through_a_faulty_s3(ray_local, 
         assert [r["doc_id"] for r in got] == [d for _, d in best]
         assert np.abs(np.array([r["score"] for r in got]) - np.array([s for s, _ in best])).max() <= 1e-5
     assert json.loads(fs.cat(f"{bucket}/reranked/docs/_SUCCESS"))["top_k"] == 3
+    # rank_buckets: auto: a few dozen pairs make one bucket, recorded in its rank commit
+    (rank_commit,) = fs.ls(f"{bucket}/reranked/docs/{RANK_COMMITS_DIR}")
+    assert json.loads(fs.cat(rank_commit))["buckets"] == 1
