@@ -6,6 +6,8 @@ pool, and tests call it directly.
 
 from __future__ import annotations
 
+from actors import startup  # first: it times this module's imports (torch, transformers) for the job summary
+
 import contextlib
 import time
 
@@ -16,13 +18,15 @@ import torch
 from actors.attention import cu_seqlens, kernel_name, packed_kernel_works, packed_positions, register
 from actors.batching import MIN_BUCKET_TOKENS, BatchStats, packed_row_tokens, pass_overhead_tokens, right_pad
 from actors.budget import AdaptiveBudget, BudgetedModel
-from actors.loading import load_model, load_tokenizer, pad_id, placement, resolve_model_path
+from actors.loading import config_pad_id, load_model, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
 from actors.settings import EmbedSettings
 from actors.tokenize import arrow_to_ids
 from common import failpoints  # dependency-free; inert unless a test names it
-from common.columns import EMBEDDING, INPUT_IDS, PADDED
+from common.columns import EMBEDDING, INPUT_IDS, PADDED, REPLICA_STARTUP
 from common.errors import ModelLoadError
+
+startup.imports_done()
 
 VECTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
@@ -43,10 +47,9 @@ class Embedder(BudgetedModel):
                  batch_overhead_tokens: int | None = None, packed: bool | None = None,
                  token_buckets: bool = False):
         self.device, self.dtype = placement(num_gpus, dtype, num_threads)
-        tok = load_tokenizer(path, revision)
-        self.pad_token_id = pad_id(tok)
         self.packed = packed_kernel_works(self.device.type, self.dtype) if packed is None else packed
         self.model = load_model(path, revision, self.dtype, self.device, register() if self.packed else None)
+        self.pad_token_id = config_pad_id(self.model.config)  # no tokenizer here: ids come tokenized
         if self.packed and "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ()):
             if packed:
                 raise ModelLoadError(f"model.path {path!r}: packed batches do not support sliding-window layers")
@@ -165,10 +168,12 @@ def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeList
 class EmbedReplica:
     """Ray Data stage (actor): a table with `input_ids` in, the same rows with `embedding` out.
 
-    Rows without tokens (rejected upstream) get a zero vector that the writer never stores.
+    Rows without tokens (rejected upstream) get a zero vector that the writer never stores. The first output
+    batch also carries the replica's start-up report (`actors.startup`), every later one nulls.
     """
 
     def __init__(self, settings: EmbedSettings):
+        self._startup = startup.StartupReport()
         s = settings
         path = resolve_model_path(s.path, s.storage_options, expected_digest=s.model_digest)  # URL: cached copy
         self.embedder = Embedder(path, s.revision, dtype=s.dtype, num_gpus=s.num_gpus, dimensions=s.dimensions,
@@ -176,11 +181,14 @@ class EmbedReplica:
                                  batch_overhead_tokens=s.batch_overhead_tokens, packed=s.packed,
                                  token_buckets=s.token_buckets)
         self.vector_dtype = s.vector_dtype
+        self._startup.ready()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self._startup.arrived()
         failpoints.hit("replica_batch")
         values, offsets = arrow_to_ids(table.column(INPUT_IDS))
         vectors, padded = self.embedder.embed_ids_padded(values, offsets)
         table = table.drop_columns([INPUT_IDS])
         return (table.append_column(EMBEDDING, vectors_to_arrow(vectors, self.vector_dtype))
-                .append_column(PADDED, pa.array(padded, pa.int64())))
+                .append_column(PADDED, pa.array(padded, pa.int64()))
+                .append_column(REPLICA_STARTUP, self._startup.column(table.num_rows)))

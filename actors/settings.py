@@ -21,6 +21,8 @@ class ReplicaSettings:
     """float32, bfloat16, float16, or auto (`dtype_name`)."""
     num_gpus: float = 0
     num_cpus: float = 1
+    threads: int | None = None
+    """Torch threads of a CPU replica; None = its CPUs (`num_threads`)."""
     max_batch_tokens: int = 16384
     batch_overhead_tokens: int | None = None
     """What one forward pass costs beyond its tokens; None = the device's default."""
@@ -31,8 +33,8 @@ class ReplicaSettings:
 
     @property
     def num_threads(self) -> int:
-        """Threads of a CPU replica: the CPUs reserved for it, at least one."""
-        return max(1, int(self.num_cpus))
+        """Threads of a CPU replica: `threads`, else the CPUs reserved for it, at least one."""
+        return self.threads or max(1, int(self.num_cpus))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

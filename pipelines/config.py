@@ -41,10 +41,14 @@ class FieldSpec:
 
 GENERATED_IDS = "common-prefix-relative-path:row"
 """The id scheme of an id field with no column: `<path relative to the common prefix of every input's folder>:<row>`
-(`pipelines.input.plan`, `pipelines.input.reading`); named in the job fingerprint, so a change of scheme is refused."""
+(`pipelines.input.plan`, `pipelines.input.reading`); named in the job fingerprint, so a change of scheme is refused.
+A JSONL file cut into byte ranges (`jsonl_item_mb`) has no file-wide row number without a scan: its rows are
+`<path>@<byte offset of the line>` instead, so with generated ids `jsonl_item_mb` is in the fingerprint too."""
 
 ROW_SETTINGS = ("format", "on_bad_file")
 """A source's settings besides its `*_column(s)` that change which rows exist or what they carry."""
+
+MIB = 1 << 20
 
 
 class SourceConfig(Strict):
@@ -67,6 +71,14 @@ class SourceConfig(Strict):
         description="Target rows per work item; Parquet files are split at row-group boundaries. "
         "A work item is the unit of commit and of resume.",
     )
+    jsonl_item_mb: float = Field(
+        64.0,
+        gt=0,
+        description="JSONL: target MiB per work item. A larger file is cut into equal byte ranges, planned from its "
+        "size alone; each range owns the lines that start in it (each line is read once, by one item). A file no "
+        "larger is one item, as is a compressed one. With generated ids (no id column) a cut file's ids are "
+        "`<path>@<byte offset>`, so the setting is then part of the job fingerprint.",
+    )
     on_bad_file: Literal["reject", "fail"] = Field(
         "reject",
         description="A Parquet file that cannot be decoded (truncated, corrupt) or lacks the configured columns: "
@@ -81,6 +93,11 @@ class SourceConfig(Strict):
     def extra_columns(self) -> list[str]:
         return []
 
+    @property
+    def jsonl_item_bytes(self) -> int:
+        """`jsonl_item_mb` in bytes (at least one)."""
+        return max(1, int(self.jsonl_item_mb * MIB))
+
     def id_scheme(self) -> str:
         """How row ids are made: from the id column(s), or generated from path and row (`GENERATED_IDS`)."""
         generated = any(fs.kind == "id" and fs.column is None for fs in self.fields())
@@ -93,9 +110,14 @@ class SourceConfig(Strict):
 
         Where the files are (`paths`, `storage_options`) and how work is cut (`rows_per_item`, a join's
         partitions) are left out: a reindex reads a new snapshot path every run, and the plan's items already
-        check the files."""
+        check the files (a resume whose items are cut otherwise is refused by the plan check). The one exception
+        is `jsonl_item_mb` of a JSONL source with generated ids: a cut file's ids are byte offsets
+        (`GENERATED_IDS`), so the cut changes ids there."""
         names = [n for n in type(self).model_fields if n in ROW_SETTINGS or n.endswith(("_column", "_columns"))]
-        return {**{n: getattr(self, n) for n in names}, "id_scheme": self.id_scheme()}
+        settings = {n: getattr(self, n) for n in names}
+        if self.format == "jsonl" and self.id_scheme() == GENERATED_IDS:
+            settings["jsonl_item_mb"] = self.jsonl_item_mb
+        return {**settings, "id_scheme": self.id_scheme()}
 
 
 def storage_options_field(options_of: str) -> Any:
@@ -159,6 +181,7 @@ def auto_or(inner: Any) -> Any:
 
 ReplicaCount = auto_or(Annotated[int, Field(ge=1)])
 CpuCount = auto_or(Annotated[float, Field(gt=0)])
+ThreadCount = auto_or(Annotated[int, Field(ge=1)])
 
 
 class ComputeConfig(Strict):
@@ -175,8 +198,13 @@ class ComputeConfig(Strict):
         "8 stays with them, at least one) in replicas of up to 8 threads. Counted on the nodes present at start.")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica; 0 runs on CPU.")
     num_cpus: CpuCount = Field(
-        AUTO, description="CPUs reserved per model replica (a CPU replica runs this many threads, at least one). "
+        AUTO, description="CPUs reserved per model replica (a CPU replica runs num_threads threads). "
         "auto: on CPU, the cores left to replicas divided among them (see max_replicas); with GPUs, 1.")
+    num_threads: ThreadCount = Field(
+        AUTO, description="Torch threads of a CPU replica (a GPU replica ignores it). auto: its num_cpus, rounded "
+        "down, at least one; where num_cpus is auto too and each node hosts one replica, the node's CPUs kept for the "
+        "read, tokenize and write tasks as well (they keep them reserved in Ray, but use them a small part of the "
+        "time): 2 cores → 1 CPU, 2 threads.")
     estimate_tokens_per_gpu_s: float = Field(
         20_000, gt=0, description="Tokens one GPU replica processes per second, for the dry run's GPU-hours "
         "estimate (measure yours: the run report and progress lines give tokens/s).",
@@ -206,7 +234,7 @@ class ComputeConfig(Strict):
     @property
     def auto_fields(self) -> list[str]:
         """The fields still `auto` (none once fitted to a cluster)."""
-        return [f for f in ("min_replicas", "max_replicas", "num_cpus") if getattr(self, f) == AUTO]
+        return [f for f in ("min_replicas", "max_replicas", "num_cpus", "num_threads") if getattr(self, f) == AUTO]
 
     @property
     def replica_cpus(self) -> float:
@@ -262,9 +290,9 @@ class JobConfigBase(Strict):
         """The `ReplicaSettings` fields; `model_digest`: the fingerprint's, which a URL model must still have."""
         m, c = self.model, self.compute
         return {"path": m.path, "revision": m.revision, "dtype": m.dtype, "num_gpus": c.num_gpus,
-                "num_cpus": c.replica_cpus, "max_batch_tokens": m.max_batch_tokens,
-                "batch_overhead_tokens": m.batch_overhead_tokens, "storage_options": self.model_storage_options,
-                "model_digest": model_digest}
+                "num_cpus": c.replica_cpus, "threads": None if c.num_threads == AUTO else c.num_threads,
+                "max_batch_tokens": m.max_batch_tokens, "batch_overhead_tokens": m.batch_overhead_tokens,
+                "storage_options": self.model_storage_options, "model_digest": model_digest}
 
 
 JobConfig = TypeVar("JobConfig", bound=BaseModel)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, TextIO
 
 from common.errors import OutputError
@@ -26,10 +27,38 @@ from pipelines.output.pieces import write_file_reject
 from pipelines.output.records import ItemCommit, Piece, Totals
 from pipelines.output.report import REPORT_FILE, write_report
 from pipelines.output.root import OutputRoot
-from pipelines.progress import Progress
-from pipelines.ray_runtime import stop_deferred, stream_rows
+from pipelines.progress import Progress, Startup, startup_line
+from pipelines.ray_runtime import last_ray_start, stop_deferred, stream_rows
 from pipelines.resources import dry_run_compute, fit_compute
 from pipelines.storage import Storage
+
+
+class Prefetched:
+    """A value that takes seconds and needs no Ray (the imports and the tokenizer a graph builder needs), computed
+    on a thread from `start()` so that it loads while Ray starts instead of after; `get()` waits for it (and
+    computes it there if it was never started), re-raising what it raised."""
+
+    def __init__(self, compute: Callable[[], Any]):
+        self._compute = compute
+        self._future: Future | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._future is not None:
+                return
+            self._future = Future()
+        threading.Thread(target=self._run, name="embedrank-prefetch", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._future.set_result(self._compute())
+        except BaseException as exc:  # noqa: BLE001 - handed to `get`'s caller
+            self._future.set_exception(exc)
+
+    def get(self) -> Any:
+        self.start()
+        return self._future.result()
 
 
 @dataclasses.dataclass
@@ -43,6 +72,8 @@ class Work:
     reused: dict[str, ItemCommit] = dataclasses.field(default_factory=dict)
     """Commit records written as they are, without processing (a reindex's unchanged items)."""
     before_new_work: Callable[[], Any] | None = None
+    prefetch: Callable[[], Any] | None = None
+    """Called as soon as the run knows it has items to process, before Ray starts (`Prefetched.start`)."""
     reject_id_columns: tuple[str, ...] = ("id",)
     state: Any = None
     """Whatever the job's own steps pass each other (a reindex: its base, target version and diff counts)."""
@@ -56,6 +87,8 @@ class ItemsOutcome:
     """Every item's commit record, earlier runs' and this run's (no second listing of `_commits/`)."""
     before: frozenset[str] = frozenset()
     """Items already committed when this run started."""
+    startup: Startup = dataclasses.field(default_factory=Startup)
+    """Where the run's first minute went (printed in the summary)."""
 
 
 class JobSpec:
@@ -110,6 +143,7 @@ def recorded_config(cfg: Any) -> dict[str, Any]:
 
 
 def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[str, Any]:
+    startup = Startup()
     spec.preflight(cfg)
     plan = spec.plan(cfg, stream)
     if dry_run:
@@ -123,7 +157,7 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
         if isinstance(work, dict):
             return work
         outcome = process_items(plan=plan, work=work, recorded=recorded_config(cfg), run=cfg.run, label=spec.name,
-                                stream=stream)
+                                stream=stream, startup=startup)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
                                      wall_s=round(outcome.progress.elapsed, 3))
         removed = close_output(work.root, outcome.commits, totals)
@@ -148,8 +182,10 @@ def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[Item
 
 
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
-                  stream: TextIO) -> ItemsOutcome:
-    """Commit every item of `plan` exactly once, resuming from what is already committed."""
+                  stream: TextIO, startup: Startup | None = None) -> ItemsOutcome:
+    """Commit every item of `plan` exactly once, resuming from what is already committed; `startup` (the job's
+    start-up phases) learns when Ray came up, the replicas' reports and the first item committed."""
+    startup = startup or Startup()
     root = work.root
     fp_id = fingerprint_id(work.fingerprint)
     existing = root.prepare(work.fingerprint, fp_id, plan.items, recorded)
@@ -160,6 +196,8 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
     existing.update({r.item: r for r in fresh})
     todo = [i for i in plan.items if i.item_id not in existing]
     print(f"resume: {len(existing)} item(s) already committed, {len(todo)} to process", file=stream, flush=True)
+    if todo and work.prefetch is not None:
+        work.prefetch()
     if todo and work.before_new_work is not None:
         work.before_new_work()
 
@@ -180,12 +218,18 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
     if committer.pending:
         pending = [s.item for s in committer.pending.values()]
         for row in stream_rows(lambda: work.build_graph(pending), run):
-            commit = committer.add(Piece.from_row(row))
+            piece = Piece.from_row(row)
+            startup.note_replicas(piece.replica_startup)
+            commit = committer.add(piece)
             if commit is not None:
+                startup.note_item()
                 record(commit)
     for commit in _commit_empty_jsonl(committer, work.source):
         record(commit)
     progress.close()
+    ray_start = last_ray_start()
+    if ray_start is not None:
+        startup.note_ray(ray_start.how, ray_start.began, ray_start.ready)
     if committer.pending:
         unfinished = committer.unfinished()
         example = next(iter(unfinished.items()))
@@ -193,7 +237,7 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
             f"{len(unfinished)} work item(s) did not complete (e.g. {example[0]} with pieces {example[1]}); "
             "nothing partial was committed; rerun the same command to resume"
         )
-    return ItemsOutcome(fp_id, progress, commits, before)
+    return ItemsOutcome(fp_id, progress, commits, before, startup)
 
 
 def close_output(root: OutputRoot, commits: dict[str, ItemCommit], totals: Totals) -> list[str]:
@@ -213,6 +257,9 @@ def summarize(outcome: ItemsOutcome, totals: Totals, output: str, stream: TextIO
           f"{totals.rows:,} rows committed · {totals.rejected:,} rejected ({reasons}) · "
           f"{totals.tokens:,} tokens · {outcome.progress.elapsed:.1f}s · output {output}",
           file=stream, flush=True)
+    summary["startup"] = outcome.startup.to_json()
+    if summary["startup"]["first_item_s"] is not None:  # the pipeline ran (not only skipped or empty items)
+        print(startup_line(summary["startup"]), file=stream, flush=True)
     if totals.rejected_files:
         print(f"WARNING: {len(totals.rejected_files)} file(s) rejected whole (see _rejects/): "
               + ", ".join(f"{f['file']} ({f['reason']})" for f in totals.rejected_files), file=stream, flush=True)

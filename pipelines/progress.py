@@ -7,6 +7,7 @@ drawn go through `emit`, which clears the bar first; `end_line` ends a bar befor
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any, TextIO
@@ -135,3 +136,68 @@ class Progress:
         return {"items_processed": self.items, "items_skipped": self.done_items, "items_total": self.total_items,
                 "rows": self.rows, "rejected": self.rejected, "tokens": self.tokens,
                 "wall_s": round(self.elapsed, 3)}
+
+
+@dataclasses.dataclass
+class Startup:
+    """Where a run's first minute goes, as marks in seconds since the job's start (`run_job` entered).
+
+    The driver times its own phases: Ray (`ray_runtime.last_ray_start`: started here, joined, or already up when
+    the job began) and the first item committed from the pipeline. A replica times its own start in its process
+    (`actors.startup`: its imports, its model load, when it was ready and when its first batch arrived) and the
+    report reaches the driver in the piece records of its first rows. Times are wall-clock (`time.time()`), so
+    that the replica's and the driver's marks share one clock on a machine.
+    """
+
+    started: float = dataclasses.field(default_factory=time.time)
+    ray: str = "connected"
+    """`started` (a local Ray, by this job), `joined` (a cluster, by this job) or `connected` (up before it)."""
+    ray_up: float | None = None
+    ray_start_s: float = 0.0
+    replicas: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    first_item: float | None = None
+
+    def note_ray(self, how: str, began: float, ready: float) -> None:
+        if began >= self.started:
+            self.ray, self.ray_up, self.ray_start_s = how, ready, ready - began
+
+    def note_replicas(self, reports: Any) -> None:
+        for r in reports:
+            self.replicas.setdefault((str(r.get("host")), int(r.get("pid") or 0)), r)
+
+    def note_item(self) -> None:
+        if self.first_item is None:
+            self.first_item = time.time()
+
+    def to_json(self) -> dict[str, Any]:
+        """The phases (seconds since the job's start, except the replica's `imports_s`/`load_s`, durations); the
+        replica's are those of the first replica ready (None where no replica reported, e.g. nothing to do)."""
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(max(t - self.started, 0.0), 3)
+
+        ready = [r for r in self.replicas.values() if r.get("ready_at")]
+        first = min(ready, key=lambda r: r["ready_at"]) if ready else {}
+        return {"ray": self.ray, "ray_s": since(self.ray_up) if self.ray_up is not None else 0.0,
+                "ray_start_s": round(self.ray_start_s, 3), "replica_ready_s": since(first.get("ready_at")),
+                "replica_imports_s": first.get("imports_s"), "replica_load_s": first.get("load_s"),
+                "replica_first_batch_s": since(first.get("first_batch_at")), "replicas_reported": len(ready),
+                "first_item_s": since(self.first_item), "wall_s": since(time.time())}
+
+
+def startup_line(phases: dict[str, Any]) -> str:
+    """`start-up (since the job's start): Ray 6.8s (local, started in 6.6s) · replica ready 12.1s (imports 3.0s,
+    model load 2.2s) · its first batch 12.6s · first item committed 14.0s · wall 28.9s`: marks since the job's start
+    (`Startup.to_json`), durations in brackets."""
+    ray = {"started": f"Ray {phases['ray_s']:.1f}s (local, started in {phases['ray_start_s']:.1f}s)",
+           "joined": f"Ray {phases['ray_s']:.1f}s (joined in {phases['ray_start_s']:.1f}s)"}.get(
+               phases["ray"], "Ray already up")
+    parts = [ray]
+    if phases.get("replica_ready_s") is not None:
+        parts.append(f"replica ready {phases['replica_ready_s']:.1f}s (imports {phases['replica_imports_s']:.1f}s, "
+                     f"model load {phases['replica_load_s']:.1f}s)")
+    if phases.get("replica_first_batch_s") is not None:
+        parts.append(f"its first batch {phases['replica_first_batch_s']:.1f}s")
+    if phases.get("first_item_s") is not None:
+        parts.append(f"first item committed {phases['first_item_s']:.1f}s")
+    parts.append(f"wall {phases['wall_s']:.1f}s")
+    return "start-up (since the job's start): " + " · ".join(parts)

@@ -47,6 +47,21 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+@dataclasses.dataclass(frozen=True)
+class RayStart:
+    """How and when `ensure_ray` brought Ray up in this process (wall-clock times, `time.time()`)."""
+
+    how: str
+    """`started` (a local Ray) or `joined` (a cluster)."""
+    began: float
+    ready: float
+
+
+def last_ray_start() -> RayStart | None:
+    """When this process last started or joined Ray (None: never; a caller's own `ray.init` is not counted)."""
+    return _driver.ray_start
+
+
 @dataclasses.dataclass
 class _Driver:
     verbose: bool = False
@@ -60,6 +75,8 @@ class _Driver:
     pending: Stopped | None = None
     autoscaler: str | None = None
     """What may add nodes to the joined cluster, as the job's start found it (`ray_view`)."""
+    ray_start: RayStart | None = None
+    """The last time this process started or joined Ray (`ensure_ray`), for the job summary's start-up line."""
     previous_handlers: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -352,6 +369,7 @@ def _quiet_ray_logs() -> None:
 def ensure_ray(address: str | None = None, stream: TextIO | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); with neither, start a private local Ray bound to loopback. Prints one
     line saying which, and where Ray's logs are."""
+    began = time.time()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -369,6 +387,7 @@ def ensure_ray(address: str | None = None, stream: TextIO | None = None) -> None
         _driver.started_local = True
         ray.init(address="local", include_dashboard=False, **options)
         line = "ray: started a local Ray"
+    _driver.ray_start = RayStart("joined" if address else "started", began, time.time())
     if _driver.session:
         _install_stop_handlers()  # ray.init replaced SIGTERM's handler with its own
     with contextlib.suppress(Exception):
@@ -403,8 +422,10 @@ def stream_rows(build_graph: Callable[[], Any], run: RunConfig,
     quiet_ray_data()
     last_output = [time.monotonic()]
     with report_pending(run.progress_interval_s, stream or sys.stderr, last_output):
+        # prefetch_batches=0: each output block is handed over as soon as it exists (Ray Data's default, 1, holds
+        # it back until the next one exists too: a commit waited for the next write, up to a replica call's work)
         batches = iter_batches_watched(build_graph(), run.stall_timeout_s, run.startup_timeout_s,
-                                       batch_format="pyarrow", batch_size=None)
+                                       batch_format="pyarrow", batch_size=None, prefetch_batches=0)
         try:
             while True:
                 with stop_allowed():

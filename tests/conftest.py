@@ -37,6 +37,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    # Files holding `slow` tests (job processes, own clusters) first, then other integration files, unit files
+    # last, each file's tests kept together and in order: with `make test`'s two workers the long files start
+    # early and the short ones fill the gaps at the end, instead of one worker finishing a long file alone.
+    weight: dict[str, int] = {}
+    for item in items:
+        tier = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("integration") else 2
+        weight[item.nodeid.split("::")[0]] = min(tier, weight.get(item.nodeid.split("::")[0], 2))
+    items.sort(key=lambda item: weight[item.nodeid.split("::")[0]])  # stable: file order kept within a tier
 
 
 def _ray_is_up() -> bool:

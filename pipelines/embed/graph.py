@@ -8,7 +8,15 @@ from typing import Any
 from actors.embedder import EmbedReplica
 from actors.loading import resolve_model_path
 from actors.tokenize import spec_digest, tokenizer_spec
-from common.columns import EMBEDDING, ID, INPUT_IDS, N_TOKENS, PADDED, TRUNCATED
+from common.columns import (
+    EMBEDDING,
+    ID,
+    INPUT_IDS,
+    N_TOKENS,
+    PADDED,
+    REPLICA_STARTUP,
+    TRUNCATED,
+)
 from pipelines import graph
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.stages import read_and_tokenize
@@ -20,7 +28,7 @@ OUTPUT_BASE = [ID, EMBEDDING, N_TOKENS, TRUNCATED]
 """The columns of every embedding output file, before pass-through columns."""
 
 # declared here because `actors/` never imports `pipelines/`
-EMBED_REPLICA = Stage(EmbedReplica, needs=(INPUT_IDS,), adds=(EMBEDDING, PADDED), drops=(INPUT_IDS,))
+EMBED_REPLICA = Stage(EmbedReplica, needs=(INPUT_IDS,), adds=(EMBEDDING, PADDED, REPLICA_STARTUP), drops=(INPUT_IDS,))
 
 
 def tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -33,9 +41,12 @@ def tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str
     return {"spec": spec, "digest": spec_digest(spec), "max_length": m.max_length, "instruction": m.instruction}
 
 
-def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage, fingerprint: dict[str, Any]):
+def build_embed_graph(cfg: EmbedJobConfig, items: list[WorkItem], storage: Storage, fingerprint: dict[str, Any],
+                      tokenizer: dict[str, Any] | None = None):
+    """`tokenizer`: `tokenizer_args`, when the caller has them already (the job prefetches them)."""
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_args(cfg, fingerprint)
     flow = graph.per_item(graph.item_source(items), read_and_tokenize.stage.adding(*cfg.input.extra_columns),
-                          cfg.compute.io_num_cpus, cfg=cfg.input, tokenizer=tokenizer_args(cfg, fingerprint))
+                          cfg.compute.io_num_cpus, cfg=cfg.input, tokenizer=tokenizer)
     return embed_and_write(flow, cfg, storage, fingerprint, OUTPUT_BASE + list(cfg.input.passthrough_columns))
 
 

@@ -8,7 +8,7 @@ from pipelines import __version__
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.fingerprint import model_identity
 from pipelines.input.plan import Plan
-from pipelines.lifecycle import JobSpec, Work
+from pipelines.lifecycle import JobSpec, Prefetched, Work
 from pipelines.output.root import OutputRoot
 from pipelines.preflight import preflight_model
 from pipelines.storage import Storage
@@ -44,12 +44,26 @@ class EmbedJob(JobSpec):
         return Storage(cfg.output.path, cfg.output_storage_options)
 
     def prepare(self, cfg: EmbedJobConfig, plan: Plan, stream: TextIO) -> Work:
-        from pipelines.embed.graph import build_embed_graph
-
         root = OutputRoot(self.lock_storage(cfg))
         fingerprint = embed_fingerprint(cfg)
-        return Work(root=root, source=cfg.input, fingerprint=fingerprint,
-                    build_graph=lambda items: build_embed_graph(cfg, items, root.storage, fingerprint))
+        tokenizer = Prefetched(lambda: _tokenizer_args(cfg, fingerprint))
+
+        def build_graph(items):
+            args = tokenizer.get()  # the prefetch imported the graph module too
+            from pipelines.embed.graph import build_embed_graph
+
+            return build_embed_graph(cfg, items, root.storage, fingerprint, tokenizer=args)
+
+        return Work(root=root, source=cfg.input, fingerprint=fingerprint, build_graph=build_graph,
+                    prefetch=tokenizer.start)
+
+
+def _tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The graph module (it imports the replica's, torch and transformers with it) and the tokenize stage's
+    arguments (the tokenizer loaded with transformers): about 2-4 s that the run prefetches while Ray starts."""
+    from pipelines.embed.graph import tokenizer_args
+
+    return tokenizer_args(cfg, fingerprint)
 
 
 EMBED = EmbedJob()

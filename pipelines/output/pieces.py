@@ -19,7 +19,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from common import failpoints
-from common.columns import CARRIED, CARRY_EMBEDDING, EMBEDDING, ITEM, ITEM_ROWS, N_TOKENS, REJECT, ROW
+from common.columns import CARRIED, CARRY_EMBEDDING, EMBEDDING, ITEM, ITEM_ROWS, N_TOKENS, REJECT, REPLICA_STARTUP, ROW
 from pipelines.output.records import FileRef, Piece
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
@@ -167,9 +167,17 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
                             data_files=tuple(files), reject_file=reject_file, reject_reasons=reasons,
                             tokens=_column_sum(good, "n_tokens"), padded_tokens=_column_sum(good, "_padded"),
                             length_hist=tuple(length_histogram(good.column("n_tokens").to_numpy())),
-                            carried_rows=_column_sum(good, "_carried")))
+                            carried_rows=_column_sum(good, "_carried"), replica_startup=_startup_reports(run)))
     failpoints.hit("after_piece_write")
     return Piece.table(pieces)
+
+
+def _startup_reports(run: pa.Table) -> tuple[dict, ...]:
+    """The replicas' start-up reports among the rows (`actors.startup`: on a replica's first output batch only)."""
+    if REPLICA_STARTUP not in run.column_names:
+        return ()
+    texts = pa.compute.unique(run.column(REPLICA_STARTUP).drop_null()).to_pylist()
+    return tuple(json.loads(t) for t in sorted(texts))
 
 
 def _column_sum(table: pa.Table, column: str) -> int:

@@ -84,7 +84,9 @@ class Piece:
 
     `data_files` holds one file per partition value (one without partitioning); `padded_tokens` counts the
     tokens computed with padding (0 where the stage does not report it); `length_hist[k]` counts rows of
-    2^(k-1) < tokens ≤ 2^k; `carried_rows` counts rows whose vector came from an older index version."""
+    2^(k-1) < tokens ≤ 2^k; `carried_rows` counts rows whose vector came from an older index version;
+    `replica_startup` holds the start-up reports (`actors.startup`) of the replicas whose first output rows are
+    among the piece's, for the job summary (piece records are never stored: this reaches the driver only)."""
 
     item: str
     start: int
@@ -97,12 +99,13 @@ class Piece:
     padded_tokens: int = 0
     length_hist: tuple[int, ...] = ()
     carried_rows: int = 0
+    replica_startup: tuple[dict[str, Any], ...] = ()
 
     ARROW_SCHEMA = pa.schema([
         ("item", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("item_rows", pa.int64()),
         ("data_files", pa.string()), ("reject_file", pa.string()), ("reject_reasons", pa.string()),
         ("tokens", pa.int64()), ("padded_tokens", pa.int64()), ("length_hist", pa.string()),
-        ("carried_rows", pa.int64()),
+        ("carried_rows", pa.int64()), ("replica_startup", pa.string()),
     ])
 
     @property
@@ -125,7 +128,8 @@ class Piece:
                 "reject_file": json.dumps(self.reject_file.to_json()) if self.reject_file else None,
                 "reject_reasons": json.dumps(self.reject_reasons, sort_keys=True), "tokens": self.tokens,
                 "padded_tokens": self.padded_tokens, "length_hist": json.dumps(list(self.length_hist)),
-                "carried_rows": self.carried_rows}
+                "carried_rows": self.carried_rows,
+                "replica_startup": json.dumps(list(self.replica_startup)) if self.replica_startup else None}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Piece":
@@ -135,7 +139,8 @@ class Piece:
                    reject_file=FileRef.from_json(json.loads(reject)) if reject else None,
                    reject_reasons=json.loads(row["reject_reasons"] or "{}"), tokens=row["tokens"],
                    padded_tokens=row["padded_tokens"], length_hist=tuple(json.loads(row["length_hist"])),
-                   carried_rows=row["carried_rows"])
+                   carried_rows=row["carried_rows"],
+                   replica_startup=tuple(json.loads(row.get("replica_startup") or "[]")))
 
     @classmethod
     def table(cls, pieces: list["Piece"]) -> pa.Table:
@@ -226,7 +231,10 @@ class ItemCommit:
 
 @dataclasses.dataclass(frozen=True)
 class RankCommit:
-    """`_rank_commits/bucket-<n>.json`: one bucket of queries ranked whole (rerank, phase 2)."""
+    """`_rank_commits/bucket-<n>.json`: one bucket of queries ranked whole (rerank, phase 2).
+
+    `buckets` is how many buckets the rank phase hashed queries into (None in records written before it was
+    recorded: those of an explicit `output.rank_buckets`, which the fingerprint holds)."""
 
     bucket: int
     fingerprint_id: str
@@ -236,6 +244,7 @@ class RankCommit:
     rejected: int = 0
     queries: int = 0
     scored: int = 0
+    buckets: int | None = None
 
     ARROW_SCHEMA = pa.schema([("bucket", pa.int64()), ("data_file", pa.string()), ("reject_file", pa.string()),
                               ("queries", pa.int64()), ("scored", pa.int64())])
@@ -257,24 +266,28 @@ class RankCommit:
                 "queries": queries, "scored": scored}
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], fingerprint_id: str) -> "RankCommit":
+    def from_row(cls, row: dict[str, Any], fingerprint_id: str, buckets: int | None = None) -> "RankCommit":
         data = FileRef.from_json(json.loads(row["data_file"])) if row["data_file"] else None
         rejects = FileRef.from_json(json.loads(row["reject_file"])) if row["reject_file"] else None
         return cls(bucket=row["bucket"], fingerprint_id=fingerprint_id, files=(data,) if data else (),
                    rejects=(rejects,) if rejects else (), rows=data.rows if data else 0,
-                   rejected=rejects.rows if rejects else 0, queries=row["queries"], scored=row["scored"])
+                   rejected=rejects.rows if rejects else 0, queries=row["queries"], scored=row["scored"],
+                   buckets=buckets)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "bucket": self.bucket, "fingerprint_id": self.fingerprint_id,
+        data = {"format": FORMAT_VERSION, "bucket": self.bucket, "fingerprint_id": self.fingerprint_id,
                 "files": [f.to_json() for f in self.files], "rejects": [f.to_json() for f in self.rejects],
                 "rows": self.rows, "rejected": self.rejected, "queries": self.queries, "scored": self.scored}
+        if self.buckets is not None:
+            data["buckets"] = self.buckets
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RankCommit":
         _check_format(data, "rank commit")
         return cls(bucket=data["bucket"], fingerprint_id=data["fingerprint_id"], files=_refs(data.get("files", [])),
                    rejects=_refs(data.get("rejects", [])), rows=data["rows"], rejected=data["rejected"],
-                   queries=data["queries"], scored=data["scored"])
+                   queries=data["queries"], scored=data["scored"], buckets=data.get("buckets"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,24 @@ def test_cpu_replicas_use_the_cores_the_io_stages_leave(cores, pool):
     assert fitted(local(cores)) == pool
 
 
+@pytest.mark.parametrize("cores, threads", [
+    (1, 1),
+    (2, 2),    # one replica on the node: its threads use the I/O tasks' CPU too (E8: 1.68× the embedding rate)
+    (4, 4),
+    (9, 8),    # 1 × 7 CPUs, at most 8 threads
+    (16, 7),   # two replicas on the node: their own CPUs
+    (64, 8),
+])
+def test_a_lone_cpu_replica_threads_take_the_io_reserve_too(cores, threads):
+    c = fit(ComputeConfig(), local(cores))
+    assert c.num_threads == threads and c.num_cpus <= threads
+    assert fit(ComputeConfig(), ClusterView([machine(2), machine(2)], "none")).num_threads == 2
+    assert fit(ComputeConfig(), ClusterView([machine(2), machine(16)], "none")).num_threads == 7  # 1 + 2 replicas
+    assert fit(ComputeConfig(num_cpus=1), local(2)).num_threads == 1  # explicit CPUs: that many threads
+    assert fit(ComputeConfig(num_threads=3), local(2)).num_threads == 3  # explicit threads win
+    assert fit(ComputeConfig(num_gpus=1), local(2, gpus=1)).num_threads == 1  # ignored on a GPU
+
+
 def test_gpu_replicas_one_per_gpu_with_a_cpu_each():
     assert fitted(local(16, gpus=4), num_gpus=1) == (4, 4, 1.0)
     assert fitted(local(16, gpus=4), num_gpus=0.5) == (8, 8, 1.0)
@@ -70,7 +88,7 @@ def test_explicit_values_win():
     assert fitted(local(16), max_replicas=4) == (4, 4, 3.0)
     assert fitted(local(16), min_replicas=1) == (1, 2, 7.0)
     assert fitted(local(2), min_replicas=3) == (3, 3, 1.0)  # refused by `check`, not silently lowered
-    explicit = ComputeConfig(min_replicas=1, max_replicas=2, num_cpus=0.5)
+    explicit = ComputeConfig(min_replicas=1, max_replicas=2, num_cpus=0.5, num_threads=1)
     assert fit(explicit, local(64)) is explicit
 
 
@@ -83,9 +101,11 @@ def test_on_a_joined_cluster_the_pool_starts_at_one_and_grows():
 def test_the_choice_is_printed_in_one_line():
     before = ComputeConfig()
     line = describe_fit(before, fit(before, local(16, gpus=1)), local(16, gpus=1))
-    assert line == ("compute: 2 model replicas × 7 CPUs (7 threads) each; auto: min_replicas, max_replicas, num_cpus; "
-                    "fitted to local Ray on this machine: 16 CPUs + 1 GPU; this Ray has 1 GPU: set compute.num_gpus=1 "
-                    "to use them")
+    assert line == ("compute: 2 model replicas × 7 CPUs (7 threads) each; auto: min_replicas, max_replicas, num_cpus, "
+                    "num_threads; fitted to local Ray on this machine: 16 CPUs + 1 GPU; this Ray has 1 GPU: set "
+                    "compute.num_gpus=1 to use them")
+    assert describe_fit(before, fit(before, local(2)), local(2)).startswith(
+        "compute: 1 model replica × 1 CPU (2 threads) each;")
 
 
 def test_auto_is_validated_strictly(tmp_path):

@@ -13,8 +13,9 @@ from common.errors import OutputError
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
 from pipelines.output.reader import read_committed
-from pipelines.output.root import COMMITS_DIR
+from pipelines.output.root import COMMITS_DIR, OutputRoot
 from pipelines.output.verify import verify_output
+from pipelines.storage import Storage
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +29,11 @@ def corpus_rows(shard, n, seed):
     return ids, texts
 
 
-def job(input_paths, output, storage_options, model, fmt="parquet", **model_extra):
+def job(input_paths, output, storage_options, model, fmt="parquet", input_extra=None, **model_extra):
     return EmbedJobConfig.model_validate({
         "input": {"paths": input_paths, "format": fmt, "id_column": "doc_id", "text_column": "text",
-                  "passthrough_columns": ["lang"], "rows_per_item": 60, "storage_options": storage_options},
+                  "passthrough_columns": ["lang"], "rows_per_item": 60, "storage_options": storage_options,
+                  **(input_extra or {})},
         "model": {"path": str(model), "max_length": 48, "max_batch_tokens": 2048, **model_extra},
         "output": {"path": output},
         "compute": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "batch_rows": 50},
@@ -77,6 +79,12 @@ def test_parquet_backfill_s3_to_s3_resume_and_refusal(ray_local, parquet_corpus,
     assert first["items_processed"] == first["items_total"] == 5
     assert first["totals"]["rows"] == len(good) and first["totals"]["rejected"] == len(bad) == 2
     assert first["totals"]["reject_reasons"] == {"empty_text": 1, "null_text": 1}
+    # where the first minute went: the session's Ray was up before the job; the replica reported its start
+    phases = first["startup"]
+    assert (phases["ray"], phases["ray_s"], phases["replicas_reported"]) == ("connected", 0.0, 1)
+    assert phases["replica_imports_s"] > 0 and phases["replica_load_s"] > 0
+    assert 0 < phases["replica_ready_s"] <= phases["replica_first_batch_s"] <= phases["first_item_s"] \
+        <= phases["wall_s"]
 
     report = verify_output(out, opts)
     assert report.ok, report.problems
@@ -107,6 +115,7 @@ def test_parquet_backfill_s3_to_s3_resume_and_refusal(ray_local, parquet_corpus,
     data_before = {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/vectors/v1/data")}
     again = run_embed(cfg)
     assert again["items_processed"] == 0 and again["items_skipped"] == 5
+    assert again["startup"]["first_item_s"] is None and again["startup"]["replicas_reported"] == 0
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/vectors/v1/data")} == data_before
 
     dropped = [json.loads(fs.cat(c))["item"] for c in commits[2:4]]
@@ -135,11 +144,14 @@ def test_jsonl_corpus_with_bad_lines_and_an_empty_file(ray_local, s3_bucket, s3_
     lines[7] = b'{"doc_id": "s9-7", "text": "caf\xe9 latin-1, not UTF-8", "lang": "en"}'
     lines[8] = json.dumps({"doc_id": "s9-8", "text": None, "lang": "en"}).encode()
     lines[9] = b'["an", "array"]'
-    fs.pipe(f"{bucket}/docs/a.jsonl", b"\n".join(lines) + b"\n")
+    data = b"\n".join(lines) + b"\n"
+    fs.pipe(f"{bucket}/docs/a.jsonl", data)
     fs.pipe(f"{bucket}/docs/empty.jsonl", b"")
     out = f"s3://{bucket}/vectors/jsonl"
-    summary = run_embed(job([f"s3://{bucket}/docs/*.jsonl"], out, opts, tiny_embedding_model, fmt="jsonl"))
-    assert summary["items_processed"] == 2
+    cut = {"jsonl_item_mb": len(data) / 3.5 / (1 << 20)}  # a.jsonl: 4 byte ranges, each its own work item
+    summary = run_embed(job([f"s3://{bucket}/docs/*.jsonl"], out, opts, tiny_embedding_model, fmt="jsonl",
+                            input_extra=cut))
+    assert summary["items_processed"] == 5
     assert summary["totals"]["rows"] == 35 and summary["totals"]["reject_reasons"] == {
         "invalid_json": 1, "invalid_utf8": 1, "not_an_object": 1, "null_text": 1, "text_not_string": 1}
     report = verify_output(out, opts)
@@ -147,5 +159,12 @@ def test_jsonl_corpus_with_bad_lines_and_an_empty_file(ray_local, s3_bucket, s3_
     got = read_committed(out, opts)
     assert sorted(got.column("id").to_pylist()) == sorted(i for k, i in enumerate(ids) if k not in range(5, 10))
     rejects = read_committed(out, opts, rejects=True)
-    assert sorted(zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist())) == [
+    # a reject's row counts lines within its item: the items before it in the file give the line's number
+    commits = OutputRoot(Storage(out, opts)).read_planned_commits()
+    items = [i for i in json.loads(fs.cat(f"{bucket}/vectors/jsonl/_job.json"))["items"] if i["rel"] == "a.jsonl"]
+    assert len(items) == 4 and all(i["byte_start"] is not None for i in items)
+    first_line = dict(zip([i["item_id"] for i in items],
+                          np.cumsum([0] + [commits[i["item_id"]].row_end for i in items[:-1]]).tolist()))
+    found = zip(*(rejects.column(c).to_pylist() for c in ("item", "row", "reason")))
+    assert sorted((first_line[item] + row, reason) for item, row, reason in found) == [
         (5, "invalid_json"), (6, "text_not_string"), (7, "invalid_utf8"), (8, "null_text"), (9, "not_an_object")]
