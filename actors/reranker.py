@@ -10,6 +10,8 @@ serves every candidate. Plain Python and torch, no Ray.
 
 from __future__ import annotations
 
+from actors import startup  # first: it times this module's imports (torch, transformers) for the job summary
+
 import dataclasses
 import inspect
 import time
@@ -26,8 +28,10 @@ from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, re
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from actors.settings import RerankSettings
 from common import failpoints  # dependency-free; inert unless a test names it
-from common.columns import N_TOKENS, QUERY, QUERY_ID, REJECT, SCORE, TEXT, TRUNCATED
+from common.columns import N_TOKENS, QUERY, QUERY_ID, REJECT, REPLICA_STARTUP, SCORE, TEXT, TRUNCATED
 from common.errors import ModelLoadError
+
+startup.imports_done()
 
 MIN_SHARED_PREFIX = 16
 """A group whose candidates share fewer tokens than this is scored on the plain path."""
@@ -240,18 +244,22 @@ class RerankReplica:
     Output is the input without `query`/`text`, plus `score` (float32, P(yes)),
     `n_tokens` (int32) and `truncated` (bool). Rejected rows (non-null
     `_reject`) and rows missing a query or text get no model work and score NaN.
-    Candidates are grouped by `query_id` (by query text where it is null).
+    Candidates are grouped by `query_id` (by query text where it is null). The first output batch also carries
+    the replica's start-up report (`actors.startup`), every later one nulls.
     """
 
     def __init__(self, settings: RerankSettings):
+        self._startup = startup.StartupReport()
         s = settings
         path = resolve_model_path(s.path, s.storage_options, expected_digest=s.model_digest)  # URL: cached copy
         self.tokenizer = PairTokenizer(path, s.revision, s.max_length, s.instruction)
         self.reranker = Reranker(path, s.revision, dtype=s.dtype, num_gpus=s.num_gpus,
                                  max_batch_tokens=s.max_batch_tokens, num_threads=s.num_threads,
                                  share_prefix=s.share_prefix, batch_overhead_tokens=s.batch_overhead_tokens)
+        self._startup.ready()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self._startup.arrived()
         failpoints.hit("replica_batch")
         queries = table.column(QUERY).to_pylist()
         texts = table.column(TEXT).to_pylist()
@@ -279,4 +287,5 @@ class RerankReplica:
             .append_column(SCORE, pa.array(scores, type=pa.float32()))
             .append_column(N_TOKENS, pa.array(n_tokens))
             .append_column(TRUNCATED, pa.array(truncated))
+            .append_column(REPLICA_STARTUP, self._startup.column(table.num_rows))
         )

@@ -6,7 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from actors.reranker import RerankReplica
-from common.columns import BUCKET, DOC_ID, ITEM, N_TOKENS, QUERY, QUERY_ID, ROW, SCORE, TEXT, TRUNCATED
+from common.columns import (
+    BUCKET,
+    DOC_ID,
+    ITEM,
+    N_TOKENS,
+    QUERY,
+    QUERY_ID,
+    REPLICA_STARTUP,
+    ROW,
+    SCORE,
+    TEXT,
+    TRUNCATED,
+)
 from pipelines import graph
 from pipelines.input.plan import WorkItem
 from pipelines.input.reading import read_items, row_columns
@@ -20,8 +32,8 @@ from pipelines.storage import Storage
 SCORE_OUTPUT = [QUERY_ID, DOC_ID, SCORE, N_TOKENS, TRUNCATED, ITEM, ROW]
 
 # declared here because `actors/` never imports `pipelines/`
-SCORE_REPLICA = Stage(RerankReplica, needs=(QUERY_ID, QUERY, TEXT), adds=(SCORE, N_TOKENS, TRUNCATED),
-                      drops=(QUERY, TEXT))
+SCORE_REPLICA = Stage(RerankReplica, needs=(QUERY_ID, QUERY, TEXT),
+                      adds=(SCORE, N_TOKENS, TRUNCATED, REPLICA_STARTUP), drops=(QUERY, TEXT))
 
 
 def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: list[WorkItem], storage: Storage,

@@ -268,7 +268,7 @@ def test_replica_scores_rows_skips_rejects_and_keeps_columns(spread_reranker_mod
     replica = RerankReplica(RerankSettings(path=spread_reranker_model, dtype="float32", max_length=96,
                                            max_batch_tokens=300))
     out = replica(table)
-    assert out.column_names == ["id", "query_id", "_reject", "score", "n_tokens", "truncated"]
+    assert out.column_names == ["id", "query_id", "_reject", "score", "n_tokens", "truncated", "_replica_startup"]
     assert out.schema.field("score").type == pa.float32()
     assert out.schema.field("n_tokens").type == pa.int32()
     assert out.schema.field("truncated").type == pa.bool_()

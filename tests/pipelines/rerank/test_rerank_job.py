@@ -94,6 +94,9 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
     first = run_rerank(cfg)
     totals = first["totals"]
     assert totals["rows"] == len(expected) and totals["queries"] == 6
+    phases = first["startup"]  # the scoring replica reported its start with its first batch
+    assert phases["replicas_reported"] == 1 and phases["replica_imports_s"] > 0 and phases["replica_load_s"] > 0
+    assert 0 < phases["replica_ready_s"] <= phases["replica_first_batch_s"] <= phases["first_item_s"]
     assert totals["reject_reasons"]["empty_query"] == 1 and totals["reject_reasons"]["null_text"] == 1
     assert totals["reject_reasons"]["null_doc_id"] == 1
     assert totals["reject_reasons"]["duplicate_pair"] >= 1
