@@ -295,8 +295,13 @@ def _finish(proc, timeout=300):
     return proc.returncode, (json.loads(lines[-1]) if proc.returncode == 0 else None), err
 
 
+def _records(storage: Storage) -> list[str]:
+    """The commit records in place (not a writer's `.tmp-…` file beside one, which a listing shows too)."""
+    return [p for p in storage.list_files(COMMITS_DIR) if p.endswith(".json")]
+
+
 def _snapshot(storage: Storage) -> dict[str, bytes]:
-    return {p: storage.read_bytes(p) for p in storage.list_files(COMMITS_DIR)}
+    return {p: storage.read_bytes(p) for p in _records(storage)}
 
 
 def _paused_driver_scenario(tmp_path, model, out_url, options, session_ray):
@@ -311,11 +316,11 @@ def _paused_driver_scenario(tmp_path, model, out_url, options, session_ray):
     phases, t0 = {}, time.monotonic()
     try:
         deadline = time.monotonic() + 240
-        while a.poll() is None and time.monotonic() < deadline and not storage.list_files(COMMITS_DIR):
+        while a.poll() is None and time.monotonic() < deadline and not _records(storage):
             time.sleep(0.05)
         assert a.poll() is None, f"driver A finished before it could be paused: {a.communicate()[1][-3000:]}"
         os.kill(a.pid, signal.SIGSTOP)  # driver A frozen after its first commit (a VM suspend, a long GC pause)
-        at_pause = len(storage.list_files(COMMITS_DIR))
+        at_pause = len(_records(storage))
         phases["A to first commit"], t0 = time.monotonic() - t0, time.monotonic()
         time.sleep(STALE_S + 0.5)  # A's heartbeat looks stale now; B still watches the lock for STALE_S itself
         code_b, summary_b, err_b = _finish(_start(cfg, session_ray))
