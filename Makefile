@@ -33,7 +33,7 @@ chromium:
 # two workers finish the suite in far less time than one.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Markers in pyproject.toml; tests/conftest.py marks every test using ray_local, s3_server or s3_bucket `integration`.
 test-fast: $(STAMP)

@@ -21,6 +21,8 @@ The points:
 - replica_batch        model replica (embed or rerank actor), before it computes a batch
 - before_pointer_write driver (reindex), after the version's `_SUCCESS`, before the index pointer names it
 - rank_bucket          rank task (rerank phase 2), before it ranks and writes a bucket
+- merge_write          merge task, after an item's merged files are written, before it reports them
+- after_merge          driver, when an item's merge has returned, before its commit record is written
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import time
 
 POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch",
-          "before_pointer_write", "rank_bucket")
+          "before_pointer_write", "rank_bucket", "merge_write", "after_merge")
 _hits: collections.Counter[str] = collections.Counter()
 
 

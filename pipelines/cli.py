@@ -119,9 +119,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Quick (control files and sizes) or full (every named file read: in the driver or as a Ray Data job)."""
     from pipelines.output.verify import verify_output
 
-    report = verify_output(args.output, _parse_storage_options(args.storage_option))
+    options = _parse_storage_options(args.storage_option)
+    session = contextlib.nullcontext()
+    if not args.quick and args.engine != "local":
+        from pipelines.ray_runtime import driver_session
+
+        session = driver_session()  # a local Ray that the ray engine starts is shut down on the way out
+    with session:
+        report = verify_output(args.output, options, quick=args.quick, engine=args.engine)
+    print(report.describe())
     print(json.dumps(report.counts, sort_keys=True))
     for problem in report.problems:
         print(f"problem: {problem}")
@@ -175,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="fsspec option for the output filesystem (repeatable)")
         command.set_defaults(func=func)
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    verify.add_argument("--quick", action="store_true",
+                        help="control files and listed sizes only: every item committed, its rows tiled, every named "
+                        "file present with its recorded size; reads no data file")
+    verify.add_argument("--engine", choices=("auto", "local", "ray"), default="auto",
+                        help="where the full check reads the files: local (this process), ray (a Ray Data job: "
+                        "RAY_ADDRESS, else a local Ray), auto (local up to 1,000,000 rows; default)")
 
     versions = sub.add_parser("versions", help="list an index root's versions: current, previous, unpublished")
     gc = sub.add_parser("gc", help="delete old index versions, keeping the newest N and every file they name")

@@ -126,6 +126,18 @@ def storage_options_field(options_of: str) -> Any:
     return Field(None, description=f"fsspec options for {options_of}; null = the input's. Never recorded.")
 
 
+TARGET_FILE_MB = 512.0
+"""Default largest data file: lakehouse readers (Spark, Trino, DuckDB) and S3 listings do best with few files of
+128 MB-1 GB; an item (50,000 rows by default) of 1024-d float32 vectors is ~200 MB, so it stays one file."""
+
+
+def target_file_mb_field() -> Any:
+    return Field(TARGET_FILE_MB, gt=0, description=(
+        "Largest data file in MiB (Parquet, zstd; row groups of ~128 MiB). A committed work item is one data file "
+        "(per partition value) unless its rows exceed this: then several, each ≤ this. An item that reached the "
+        "writer in several pieces (Ray Data splits blocks; retries) is merged into such files before it commits."))
+
+
 def model_path_field(family: str) -> Any:
     return Field(description="Hugging Face hub id, local directory, or object-store URL (s3://…/model/) "
                  f"of a {family} model; a URL is fetched once per node into a local cache.")
@@ -258,6 +270,11 @@ class RunConfig(Strict):
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."
+    )
+    block_mb: float | None = Field(
+        None, gt=0, description="Ray Data's largest block (`DataContext.target_max_block_size`) for this job's "
+        "graphs, in MiB; null = Ray's default (128). Smaller blocks lower each task's memory (about 2 × CPUs × this "
+        "per node) but split work items into more pieces, which are merged before they commit."
     )
     allow_unconditional_store: bool = Field(
         False, description="Run on an object store that ignores conditional writes (If-None-Match / If-Match), "

@@ -88,3 +88,23 @@ def write(flow: Flow, io_num_cpus: float, **fn_kwargs: Any):
     stage = write_pieces.stage.needing(*fn_kwargs["output_columns"])
     return flow.map_batches(stage, batch_format="pyarrow", batch_size=None, num_cpus=io_num_cpus,
                             fn_kwargs=fn_kwargs).ds
+
+
+def verify_graph(column: str, files: list[str], check: Stage, key: str, group: Stage, num_partitions: int,
+                 num_cpus: float, **fn_kwargs: Any):
+    """`embedrank verify` as a Ray Data job: one task per named file (`check`, given `fn_kwargs`) emits its result
+    and its row keys, which are grouped on `key` (their hash bucket; a hash shuffle into `num_partitions`) and
+    checked a bucket at a time (`group`); returns the dataset of what reaches the driver."""
+    flow = per_item(source(column, files, max(1, min(len(files), 256))), check, num_cpus, **fn_kwargs)
+    return flow.map_groups(key, group, num_partitions=num_partitions, batch_format="pyarrow", num_cpus=num_cpus).ds
+
+
+def read_parquet_files(paths: list[str], filesystem: Any):
+    """A Ray Dataset over exactly these Parquet files (full paths on `filesystem`, a `pyarrow.fs.FileSystem`);
+    no Hive partitions are inferred from the paths (a partition column is in the files)."""
+    import pyarrow as pa
+    import ray.data
+
+    if not paths:
+        return ray.data.from_arrow(pa.table({}))
+    return ray.data.read_parquet(paths, filesystem=filesystem, partitioning=None, file_extensions=None)

@@ -17,18 +17,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, TextIO
 
 from common.errors import OutputError
-from pipelines.config import ComputeConfig, RunConfig, SourceConfig
+from pipelines.config import TARGET_FILE_MB, ComputeConfig, RunConfig, SourceConfig
 from pipelines.fingerprint import fingerprint_id
-from pipelines.input.plan import Plan, WorkItem, make_plan
+from pipelines.input.plan import Plan, WorkItem, make_plan, planning_key
 from pipelines.input.reading import read_item
 from pipelines.output.committer import Committer
 from pipelines.output.lock import OutputLock
+from pipelines.output.merge import MergeStats, merge_item
 from pipelines.output.pieces import write_file_reject
 from pipelines.output.records import ItemCommit, Piece, Totals
 from pipelines.output.report import REPORT_FILE, write_report
 from pipelines.output.root import OutputRoot
 from pipelines.progress import Progress, Startup, startup_line
-from pipelines.ray_runtime import last_ray_start, stop_deferred, stream_rows
+from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stop_deferred, stream_rows
 from pipelines.resources import dry_run_compute, fit_compute
 from pipelines.storage import Storage
 
@@ -89,6 +90,8 @@ class ItemsOutcome:
     """Items already committed when this run started."""
     startup: Startup = dataclasses.field(default_factory=Startup)
     """Where the run's first minute went (printed in the summary)."""
+    merged: MergeStats = dataclasses.field(default_factory=MergeStats)
+    """The items this run merged from several pieces, and what that cost."""
 
 
 class JobSpec:
@@ -102,7 +105,8 @@ class JobSpec:
         """Checks that need no Ray (the model exists and fits the settings)."""
 
     def plan(self, cfg: Any, stream: TextIO) -> Plan:
-        plan = make_plan(cfg.input)
+        plan = make_plan(cfg.input, previous=OutputRoot(self.lock_storage(cfg)).previous_plan(),  # reuse footers
+                         on_cluster=map_on_cluster(cfg.run, stream))  # a new corpus' thousands: read by tasks
         print(plan.describe(), file=stream, flush=True)
         return plan
 
@@ -157,7 +161,8 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
         if isinstance(work, dict):
             return work
         outcome = process_items(plan=plan, work=work, recorded=recorded_config(cfg), run=cfg.run, label=spec.name,
-                                stream=stream, startup=startup)
+                                stream=stream, startup=startup, target_file_mb=target_file_mb(cfg),
+                                io_num_cpus=cfg.compute.io_num_cpus)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
                                      wall_s=round(outcome.progress.elapsed, 3))
         removed = close_output(work.root, outcome.commits, totals)
@@ -181,14 +186,29 @@ def _commit_empty_jsonl(committer: Committer, source: SourceConfig) -> list[Item
     return committer.commit_empty()
 
 
+def target_file_mb(cfg: Any) -> float:
+    """The job's `output.target_file_mb` (a reindex's versions use the default)."""
+    output = getattr(cfg, "output", None)
+    return getattr(output, "target_file_mb", TARGET_FILE_MB)
+
+
+def merge_on_cluster(storage: Storage, target_file_bytes: float,
+                     num_cpus: float) -> Callable[[list[Piece]], list[Piece]]:
+    """An item's merge as a cluster task, so the driver never holds an item's rows."""
+    return lambda pieces: run_task(merge_item, storage, pieces, target_file_bytes, num_cpus=num_cpus)
+
+
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
-                  stream: TextIO, startup: Startup | None = None) -> ItemsOutcome:
+                  stream: TextIO, startup: Startup | None = None, target_file_mb: float = TARGET_FILE_MB,
+                  io_num_cpus: float = 1.0) -> ItemsOutcome:
     """Commit every item of `plan` exactly once, resuming from what is already committed; `startup` (the job's
-    start-up phases) learns when Ray came up, the replicas' reports and the first item committed."""
+    start-up phases) learns when Ray came up, the replicas' reports and the first item committed. Items that
+    arrive in several pieces are merged into files of at most `target_file_mb` on the cluster before they
+    commit."""
     startup = startup or Startup()
     root = work.root
     fp_id = fingerprint_id(work.fingerprint)
-    existing = root.prepare(work.fingerprint, fp_id, plan.items, recorded)
+    existing = root.prepare(work.fingerprint, fp_id, plan.items, recorded, plan_key=planning_key(work.source))
     before = frozenset(existing)
     fresh = [record for item, record in work.reused.items() if item not in existing]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -201,7 +221,8 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
     if todo and work.before_new_work is not None:
         work.before_new_work()
 
-    committer = Committer(root, fp_id, todo)
+    target_bytes = target_file_mb * 2**20
+    committer = Committer(root, fp_id, todo, target_bytes, merge_on_cluster(root.storage, target_bytes, io_num_cpus))
     progress = Progress(len(plan.items), len(existing), plan.known_rows, run.progress_interval_s, stream, label)
     commits = dict(existing)
 
@@ -220,10 +241,12 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
         for row in stream_rows(lambda: work.build_graph(pending), run):
             piece = Piece.from_row(row)
             startup.note_replicas(piece.replica_startup)
-            commit = committer.add(piece)
-            if commit is not None:
+            for commit in committer.add(piece):
                 startup.note_item()
                 record(commit)
+        for commit in committer.finish(run.stall_timeout_s):
+            startup.note_item()
+            record(commit)
     for commit in _commit_empty_jsonl(committer, work.source):
         record(commit)
     progress.close()
@@ -237,12 +260,13 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
             f"{len(unfinished)} work item(s) did not complete (e.g. {example[0]} with pieces {example[1]}); "
             "nothing partial was committed; rerun the same command to resume"
         )
-    return ItemsOutcome(fp_id, progress, commits, before, startup)
+    return ItemsOutcome(fp_id, progress, commits, before, startup, committer.merged)
 
 
 def close_output(root: OutputRoot, commits: dict[str, ItemCommit], totals: Totals) -> list[str]:
     """End of a run, lock held: drop orphans, write `_SUCCESS` and the report; returns the orphans removed."""
     removed = root.remove_orphans(commits, planned=commits.keys())  # every planned item is committed by now
+    root.write_commit_snapshot(commits)  # the next resume reads the records in one GET
     root.write_success(totals)
     write_report(root, commits, totals.wall_s)
     return removed
@@ -257,6 +281,9 @@ def summarize(outcome: ItemsOutcome, totals: Totals, output: str, stream: TextIO
           f"{totals.rows:,} rows committed · {totals.rejected:,} rejected ({reasons}) · "
           f"{totals.tokens:,} tokens · {outcome.progress.elapsed:.1f}s · output {output}",
           file=stream, flush=True)
+    summary["merged"] = outcome.merged.to_json()
+    if outcome.merged.items:
+        print(outcome.merged.line(), file=stream, flush=True)
     summary["startup"] = outcome.startup.to_json()
     if summary["startup"]["first_item_s"] is not None:  # the pipeline ran (not only skipped or empty items)
         print(startup_line(summary["startup"]), file=stream, flush=True)

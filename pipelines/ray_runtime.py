@@ -396,6 +396,21 @@ def ensure_ray(address: str | None = None, stream: TextIO | None = None) -> None
     emit(stream or sys.stderr, line)
 
 
+@contextlib.contextmanager
+def block_size(block_mb: float | None) -> Iterator[None]:
+    """Ray Data's largest block set to `run.block_mb` while a graph runs (None: left as it is), then restored."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.target_max_block_size
+    if block_mb is not None:
+        ctx.target_max_block_size = int(block_mb * 2**20)
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = before
+
+
 def quiet_ray_data() -> None:
     """Our own progress lines replace Ray Data's progress bars; its console shows warnings and errors only (all
     of it with `--verbose`; its log file in Ray's log directory keeps everything)."""
@@ -421,7 +436,7 @@ def stream_rows(build_graph: Callable[[], Any], run: RunConfig,
     ensure_ray(run.ray_address, stream)
     quiet_ray_data()
     last_output = [time.monotonic()]
-    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output):
+    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output), block_size(run.block_mb):
         # prefetch_batches=0: each output block is handed over as soon as it exists (Ray Data's default, 1, holds
         # it back until the next one exists too: a commit waited for the next write, up to a replica call's work)
         batches = iter_batches_watched(build_graph(), run.stall_timeout_s, run.startup_timeout_s,
@@ -436,3 +451,25 @@ def stream_rows(build_graph: Callable[[], Any], run: RunConfig,
                 yield from batch.to_pylist()
         finally:
             batches.close()
+
+
+def run_task(fn: Callable[..., Any], *args: Any, num_cpus: float = 1.0, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` as one task on the cluster (Ray is up: called while a graph runs), waited for; a task
+    whose worker dies is retried by Ray (`max_retries`), so `fn` must be safe to run twice."""
+    import ray
+
+    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, max_retries=3).remote(*args, **kwargs))
+
+
+def map_on_cluster(run: RunConfig, stream: TextIO | None = None, num_cpus: float = 0.25) -> Callable[..., list[Any]]:
+    """`on_cluster(fn, args, **kwargs)`: `[fn(a, **kwargs) for a in args]`, each call a Ray task (Ray started or joined on first use, as
+    `run` says), results in order; for planning's footer reads (`pipelines.input.plan.make_plan`), which are I/O
+    and parsing, so each task asks for a fraction of a CPU."""
+    def on_cluster(fn: Callable[..., Any], args: list[Any], **kwargs: Any) -> list[Any]:
+        ensure_ray(run.ray_address, stream)
+        import ray
+
+        remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=3)
+        return ray.get([remote.remote(a, **kwargs) for a in args])
+
+    return on_cluster

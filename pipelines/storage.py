@@ -376,6 +376,21 @@ class Storage:
                 out[rel] = _modified(info)
         return dict(sorted(out.items()))
 
+    def list_file_sizes(self, rel_dir: str) -> dict[str, int | None]:
+        """Every file under `rel_dir` (relative to the root, `..` resolved, sorted) with its size in bytes from the
+        listing itself (no object is read), None where the store gives none."""
+        base = self.path(rel_dir)
+        self.fs.invalidate_cache(base)
+        if not self.fs.exists(base):
+            return {}
+        out = {}
+        for p, info in self.fs.find(base, detail=True).items():
+            rel = posixpath.relpath(self.fs._strip_protocol(p), self.root)
+            if rel != posixpath.normpath(rel_dir or "."):  # not a store's folder marker
+                size = info.get("size", info.get("Size"))
+                out[rel] = None if size is None else int(size)
+        return dict(sorted(out.items()))
+
     def list_dirs(self, rel_dir: str = "") -> list[str]:
         """Names of the folders directly under `rel_dir` (one listing call, not a recursive walk)."""
         base = self.path(rel_dir)

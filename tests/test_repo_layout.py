@@ -210,8 +210,8 @@ def test_task_functions_of_the_graph_live_in_torch_free_modules():
 
     found = {name: value for module in GRAPH_MODULES for name, value in vars(importlib.import_module(module)).items()
              if callable(value) and hasattr(value, "stage")}
-    assert {"read_and_tokenize", "write_pieces", "carry_or_tokenize", "read_hash_and_tokenize", "count_changes",
-            "read_with_hash", "read_snapshot_keys", "read_base_keys", "read_base_vectors", "read_items",
-            "read_documents", "order_joined_item", "read_score_files", "rank_bucket"} <= set(found)
+    assert {"read_and_tokenize", "write_pieces", "carry_locally", "read_hash_and_tokenize", "diff_file",
+            "digest_items", "read_items", "read_documents", "order_joined_item", "read_score_files",
+            "rank_bucket"} <= set(found)
     for name, function in found.items():
         assert function.__module__ in TORCH_FREE_STAGE_MODULES, name

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from actors.settings import EmbedSettings
 from common.columns import ID, TEXT
 from pipelines.config import (FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, model_path_field,
-                              storage_options_field)
+                              storage_options_field, target_file_mb_field)
 
 
 class InputConfig(SourceConfig):
@@ -58,6 +58,7 @@ class OutputConfig(Strict):
         "`data/<column>=<value>/…`, the value percent-encoded (nulls: __HIVE_DEFAULT_PARTITION__); the column "
         "stays in the files too. A row whose encoded value exceeds 200 bytes is rejected.",
     )
+    target_file_mb: float = target_file_mb_field()
     storage_options: dict[str, Any] | None = storage_options_field("the output filesystem")
 
 

@@ -57,4 +57,5 @@ def embed_and_write(flow: graph.Flow, cfg: EmbedJobConfig, storage: Storage, fin
                             fn_constructor_kwargs={"settings": cfg.replica_settings(fingerprint.get("model_digest"))},
                             **graph.model_pool(cfg.compute))
     return graph.write(flow, cfg.compute.io_num_cpus, storage=storage, fingerprint=fingerprint,
-                       output_columns=output_columns, partition_by=cfg.output.partition_by)
+                       output_columns=output_columns, partition_by=cfg.output.partition_by,
+                       target_file_bytes=cfg.output.target_file_mb * 2**20)

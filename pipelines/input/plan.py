@@ -14,6 +14,16 @@ the rule only keeps a future decompressing reader correct). JSONL row counts are
 learnt when read. Each item also pins its file as listed (size and version: S3 ETag,
 local mtime), and readers fail the job naming the file if it is no longer that
 version (`parquet_io.Pin`); ranged reads are checked the same way.
+
+Footers are the one costly part of planning (two small GETs a Parquet file). A resume reuses the output's stored
+plan (`PreviousPlan`, from `pipelines.output.plan_store`): a file listed with the same URL, path, size and
+version as a stored item pinned, under the same planning settings (`planning_key`), takes its stored items
+unread; only new or changed files have their footers read. A few are read on the driver's thread pool
+(`FOOTER_THREADS`): each is I/O latency that threads overlap, with no Ray to start. More than
+`FOOTERS_ON_CLUSTER` (a new corpus of thousands of files) are read by Ray tasks, `FOOTER_TASK_FILES` files each,
+when the caller gives a way to run them (`on_cluster`; the job lifecycle does, starting or joining Ray then): a
+footer is also CPU to parse (4,000 took ~19 s of one driver's CPU against the local test server), which a cluster
+spreads over its nodes.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import posixpath
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,6 +47,16 @@ from pipelines.storage import InputFile, expand_inputs
 
 BYTES_PER_TOKEN = 4.0
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+FOOTERS_ON_CLUSTER = 1_000
+"""More Parquet footers than this to read, and planning reads them in Ray tasks (when `make_plan` is given
+`on_cluster`)."""
+FOOTER_TASK_FILES = 100
+"""Files whose footers one planning task reads (on its own `FOOTER_TASK_THREADS` threads)."""
+FOOTER_TASK_THREADS = 8
+
+FOOTER_THREADS = 32
+"""Parquet footers read at once while planning: each is ~2 small GETs, latency-bound against a remote store (against
+the local test server on 2 cores it is CPU-bound: 4,000 footers in ~19 s, `benchmarks/control_plane.py`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +97,37 @@ class WorkItem:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkItem":
+    def from_dict(cls, d: dict[str, Any]) -> WorkItem:
         d = dict(d)
         d["row_groups"] = tuple(d["row_groups"]) if d.get("row_groups") else None
         return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
+class PreviousPlan:
+    """A stored plan `make_plan` may reuse: the `planning_key` of the settings that cut it and its items."""
+
+    key: str
+    items: Callable[[], Iterable[WorkItem]]
+
+
+def planning_key(cfg: SourceConfig) -> str:
+    """A hash of every setting that decides how a listed file is cut into items (format, `rows_per_item`, the cut
+    of JSONL, columns checked, bad-file policy): equal keys and an equal file give equal items. `paths` and
+    `storage_options` are left out: a reused item must match its file's URL, path, size and version anyway."""
+    settings = cfg.model_dump(mode="json", exclude={"paths", "storage_options"})
+    blob = json.dumps({"source": type(cfg).__name__, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     files: list[InputFile]
     items: list[WorkItem]
+    footers_read: int = 0
+    """Parquet files whose footer this plan read."""
+    reused_files: int = 0
+    """Parquet files whose items came from the stored plan unread (`PreviousPlan`)."""
 
     @property
     def known_rows(self) -> int:
@@ -130,6 +173,8 @@ class Plan:
         lines = [
             f"plan: {len(self.files)} file(s), {len(self.items)} work item(s), {rows} rows, "
             f"≈{self.est_tokens:,} tokens (estimated at {BYTES_PER_TOKEN:g} bytes/token)"
+            + (f"; {self.reused_files:,} unchanged file(s) planned as stored, {self.footers_read:,} footer(s) read"
+               if self.reused_files else "")
         ]
         lines += [f"WARNING: rejecting {i.rel} whole ({i.bad_reason}): {i.bad_detail}" for i in self.bad_items]
         return "\n".join(lines)
@@ -243,17 +288,58 @@ def relative_to_common_prefix(files: list[InputFile]) -> list[InputFile]:
             for f in files]
 
 
-def make_plan(cfg: SourceConfig, max_workers: int = 16) -> Plan:
+def _stored_items(files: list[InputFile], cfg: SourceConfig,
+                  previous: PreviousPlan | None) -> dict[str, list[WorkItem]]:
+    """The stored items of each listed file that is exactly as the stored plan pinned it (URL, path, size,
+    version), by URL; {} when there is no stored plan or other settings cut it."""
+    if previous is None or previous.key != planning_key(cfg):
+        return {}
+    listed = {f.url: (f.rel, f.size, f.version) for f in files}
+    found: dict[str, list[WorkItem]] = {}
+    for item in previous.items():
+        if item.size is not None and listed.get(item.url) == (item.rel, item.size, item.version):
+            found.setdefault(item.url, []).append(item)
+    return found
+
+
+OnCluster = Callable[..., list[Any]]
+"""`on_cluster(fn, args, **kwargs)`: `[fn(a, **kwargs) for a in args]`, each call a task on the cluster."""
+
+
+def plan_parquet_files(files: list[InputFile], cfg: SourceConfig,
+                       max_workers: int = FOOTER_TASK_THREADS) -> list[list[WorkItem]]:
+    """Each file's work items, from its footer (`max_workers` read at once); one planning task's work."""
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(files)))) as pool:
+        return list(pool.map(lambda f: _plan_parquet(f, cfg), files))
+
+
+def _read_footers(files: list[InputFile], cfg: SourceConfig, max_workers: int,
+                  on_cluster: OnCluster | None) -> dict[str, list[WorkItem]]:
+    if on_cluster is None or len(files) <= FOOTERS_ON_CLUSTER:
+        per_file = plan_parquet_files(files, cfg, max_workers) if files else []
+    else:
+        chunks = [files[a:a + FOOTER_TASK_FILES] for a in range(0, len(files), FOOTER_TASK_FILES)]
+        per_file = [items for done in on_cluster(plan_parquet_files, chunks, cfg=cfg) for items in done]
+    return dict(zip((f.url for f in files), per_file))
+
+
+def make_plan(cfg: SourceConfig, max_workers: int = FOOTER_THREADS, previous: PreviousPlan | None = None,
+              on_cluster: OnCluster | None = None) -> Plan:
     """List, sort and split the input into work items; reads only listings and Parquet footers (a JSONL file is
-    cut by its listed size)."""
+    cut by its listed size), and no footer of a file `previous` (the output's stored plan) planned as listed;
+    more than `FOOTERS_ON_CLUSTER` footers in tasks run by `on_cluster`, if given."""
     files = relative_to_common_prefix(expand_inputs(cfg.paths, EXTENSIONS[cfg.format], cfg.storage_options))
+    footers, reused = 0, 0
     if cfg.format == "parquet":
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            per_file = list(pool.map(lambda f: _plan_parquet(f, cfg), files))
+        stored = _stored_items(files, cfg, previous)
+        unread = [f for f in files if f.url not in stored]
+        read = _read_footers(unread, cfg, max_workers, on_cluster)
+        per_file = [stored.get(f.url) or read[f.url] for f in files]
+        footers, reused = len(unread), len(files) - len(unread)
     else:
         per_file = [_plan_jsonl(f, cfg) for f in files]
     items = [item for items in per_file for item in items]
     if items and all(i.bad_reason for i in items):
         raise InputError(f"every input file is unusable, which points at the config rather than the data; "
                          f"the first: {items[0].bad_detail}")
-    return Plan(files=files, items=items)
+    return Plan(files=files, items=items, footers_read=footers, reused_files=reused)

@@ -15,6 +15,7 @@ import io
 from typing import Any
 
 from common.errors import OutputError
+from pipelines.output import plan_store
 from pipelines.output.records import ItemCommit, Totals, sum_histograms
 from pipelines.output.root import SUCCESS_FILE, OutputRoot
 
@@ -108,7 +109,7 @@ def render(job: dict[str, Any], commits: list[ItemCommit], wall_s: float | None)
     fp = job["fingerprint"]
     rows = [
         ("task", fp.get("task")), ("model", fp.get("model")), ("revision", fp.get("revision") or "-"),
-        ("work items", f"{len(commits):,} of {len(job['items']):,}"),
+        ("work items", f"{len(commits):,} of {plan_store.header(job)['items']:,}"),
         ("rows committed", f"{sums.rows:,}"),
         ("rows rejected", f"{sums.rejected:,}"),
         ("files rejected whole", ", ".join(f"{f['file']} ({f['reason']})" for f in sums.rejected_files) or "none"),
@@ -136,7 +137,7 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head>
 
 def write_report(root: OutputRoot, commits: dict[str, ItemCommit], wall_s: float | None) -> str:
     """Render and store `_report.html`; returns its path relative to the output."""
-    job = root.read_job()
+    job = root.read_job_header()  # the plan header's count is all the page needs of the plan
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; nothing to report")
     root.storage.write_bytes(REPORT_FILE, render(job, list(commits.values()), wall_s).encode())
@@ -145,7 +146,7 @@ def write_report(root: OutputRoot, commits: dict[str, ItemCommit], wall_s: float
 
 def rebuild_report(root: OutputRoot) -> str:
     """`embedrank report`: the report from what the output holds now (totals from `_SUCCESS` if present)."""
-    job = root.read_job()
+    job = root.read_job_header()
     if job is None:
         raise OutputError(f"{root.storage.url}: no _job.json; not an embedrank output")
     return write_report(root, root.read_planned_commits(), (root.read_json(SUCCESS_FILE) or {}).get("wall_s"))

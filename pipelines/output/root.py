@@ -3,8 +3,10 @@
 Layout: `data/`, `_scores/` and `_rejects/` hold pieces; `_commits/<item>.json`
 is the commit point of one work item and names exactly the files that tile it;
 `_rank_commits/<bucket>.json` does the same for one ranked bucket of a rerank
-job; `_job.json` records fingerprint and plan; `_SUCCESS` closes a finished
-run; `_lock.json` names the one writer. Files no commit names are orphans of
+job; `_job.json` records fingerprint, config and a plan header whose items lie
+in `_plan/<digest>/` shards (`plan_store`); `_commits_snapshot.parquet` caches
+the records so that a resume need not GET each (`commit_snapshot`); `_SUCCESS`
+closes a finished run; `_lock.json` names the one writer. Files no commit names are orphans of
 crashed attempts and are deleted: the records themselves are read when deleting
 (each piece's own item record by name, not only a listing), and pieces that no
 record commits yet are given `ORPHAN_GRACE_S` before they go.
@@ -15,15 +17,17 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import threading
 import time
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Collection, Iterable
 from typing import Any
 
 from common import failpoints
-from common.errors import OutputError
+from common.errors import LockLost, OutputError
 from pipelines.fingerprint import describe_difference
-from pipelines.input.plan import WorkItem
+from pipelines.input.plan import PreviousPlan, WorkItem
+from pipelines.output import commit_snapshot, plan_store
 from pipelines.output.lock import fence
 from pipelines.output.pieces import PIECE_DIRS
 from pipelines.output.records import ItemCommit, RankCommit, Totals, now
@@ -33,6 +37,18 @@ COMMITS_DIR = "_commits"
 RANK_COMMITS_DIR = "_rank_commits"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+
+COMMIT_READERS = 64
+"""Commit records GET at once. Against the local test server the reads are CPU-bound (20,000 records: 86 s at 16
+threads, 96 s at 64 on 2 shared cores, `benchmarks/control_plane.py`); 64 is for a remote store's tens of ms per
+GET, which 16 threads would cap at a few hundred records a second. The commit snapshot makes them rare."""
+
+SNAPSHOT_EVERY = 1000
+"""The lock holder rewrites the commit snapshot after this many new records, so a run that crashes leaves at most
+this many for the next resume to GET one by one (rewriting it costs one listing of `_commits/` and one PUT)."""
+
+SNAPSHOT_MIN_IDS = 64
+"""`read_commits` of this many ids or more lists `_commits/` and reads the commit snapshot first."""
 
 ORPHAN_GRACE_S = 600.0
 """How long a piece that no commit record names, of an item or rank bucket that has no record yet, is kept: a
@@ -75,6 +91,10 @@ class OutputRoot:
         """`remove_orphans` keeps unnamed pieces of not yet committed items this long (`ORPHAN_GRACE_S`)."""
         self._adopted: dict[str, ItemCommit] = {}
         """Records another writer created first (`write_commit`): their files are not orphans."""
+        self._known: dict[str, ItemCommit] = {}
+        """Every record this writer read at `prepare` or committed since: what the next snapshot holds."""
+        self._unsnapshotted = 0
+        self._snapshot_lock = threading.Lock()
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
         try:
@@ -82,13 +102,50 @@ class OutputRoot:
         except FileNotFoundError:
             return None
 
-    def read_job(self) -> dict[str, Any] | None:
+    def read_job_header(self) -> dict[str, Any] | None:
+        """`_job.json` as stored: fingerprint, config, `updated_at` and the plan header (`plan_store.header`),
+        without reading the plan's items (an output written before shards holds them inline under `items`)."""
         return self.read_json(JOB_FILE)
 
-    def planned_item_ids(self) -> list[str]:
-        """The work items `_job.json` records, in plan order ([] before the first run)."""
-        job = self.read_job()
-        return [i["item_id"] for i in job["items"]] if job else []
+    def previous_plan(self) -> PreviousPlan | None:
+        """The stored plan a new plan may take unchanged files' items from (`make_plan`); None when there is none
+        or it cannot be read (planning then reads every footer, and the run reports any store error itself)."""
+        try:
+            return plan_store.previous_plan(self.storage, self.read_job_header())
+        except Exception:  # noqa: BLE001 - an optional read (no credentials, no bucket yet, ...): read footers
+            return None
+
+    def read_job(self) -> dict[str, Any] | None:
+        """`_job.json` with every planned item under `items` (dicts, in plan order), however they are stored.
+        Holds the whole plan: prefer `read_job_header` with `iter_planned_items` / `planned_item_ids`."""
+        job = self.read_job_header()
+        if job is None or "plan" not in job:
+            return job
+        return {**job, "items": [i.to_dict() for shard in self.iter_planned_items(job) for i in shard]}
+
+    def iter_planned_items(self, job: dict[str, Any] | None = None) -> Iterator[list[WorkItem]]:
+        """The planned work items, a shard (a few thousand) at a time, in plan order (none before the first run)."""
+        job = self.read_job_header() if job is None else job
+        return plan_store.iter_items(self.storage, job) if job else iter(())
+
+    def iter_planned_ids(self, job: dict[str, Any] | None = None) -> Iterator[list[str]]:
+        """The planned item ids, a shard at a time, in plan order."""
+        job = self.read_job_header() if job is None else job
+        return plan_store.iter_item_ids(self.storage, job) if job else iter(())
+
+    def planned_item_ids(self, job: dict[str, Any] | None = None) -> list[str]:
+        """The work items `_job.json` plans, in plan order ([] before the first run)."""
+        return [i for ids in self.iter_planned_ids(job) for i in ids]
+
+    def iter_planned_commits(self, job: dict[str, Any] | None = None,
+                             max_workers: int = COMMIT_READERS) -> Iterator[dict[str, ItemCommit]]:
+        """The commits of the planned items, a plan shard at a time, in plan order (uncommitted items left out):
+        one listing of `_commits/`, records from the commit snapshot where it is current (`read_listed_commits`);
+        apart from the listing and snapshot, memory follows one shard, not the job."""
+        listed = commit_snapshot.listed_versions(self.storage, COMMITS_DIR)
+        snapshot = commit_snapshot.read_snapshot(self.storage) if listed else {}
+        for ids in self.iter_planned_ids(job):
+            yield self.read_listed_commits(ids, listed, snapshot, max_workers)[0]
 
     def _names(self, folder: str) -> list[str]:
         return [p.rsplit("/", 1)[-1][: -len(".json")] for p in self.storage.list_files(folder) if p.endswith(".json")]
@@ -96,27 +153,66 @@ class OutputRoot:
     def commit_ids(self) -> list[str]:
         return self._names(COMMITS_DIR)
 
-    def read_commits(self, item_ids: Iterable[str] | None = None, max_workers: int = 16) -> dict[str, ItemCommit]:
-        ids = list(self.commit_ids() if item_ids is None else item_ids)
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            found = pool.map(lambda i: self.read_json(f"{COMMITS_DIR}/{i}.json"), ids)
-        return {i: ItemCommit.from_json(c) for i, c in zip(ids, found) if c is not None}
+    def read_commits(self, item_ids: Iterable[str] | None = None,
+                     max_workers: int = COMMIT_READERS) -> dict[str, ItemCommit]:
+        """The commit records of `item_ids` (default: every one `_commits/` lists), by id, in that order; those
+        absent are left out. With `SNAPSHOT_MIN_IDS` ids or more, those the commit snapshot holds at the version
+        `_commits/` lists come from it (`commit_snapshot`: one LIST and one GET instead of a GET each); every
+        other id is one GET, `max_workers` at once (listed or not: an id a listing misses is still read)."""
+        if item_ids is None:
+            return self.read_listed_commits()[0]
+        ids = list(item_ids)
+        held: dict[str, ItemCommit] = {}
+        if len(ids) >= SNAPSHOT_MIN_IDS:
+            listed = commit_snapshot.listed_versions(self.storage, COMMITS_DIR)
+            if listed:
+                held = commit_snapshot.from_snapshot(commit_snapshot.read_snapshot(self.storage), listed, ids)
+        fetched = self._get_commits([i for i in ids if i not in held], max_workers)
+        return {i: held.get(i) or fetched[i] for i in ids if i in held or i in fetched}
+
+    def _get_commits(self, ids: list[str], max_workers: int) -> dict[str, ItemCommit]:
+        """One GET per record, `max_workers` at once; each record is parsed as it arrives (no raw JSON kept)."""
+        def read(item_id: str) -> ItemCommit | None:
+            found = self.read_json(f"{COMMITS_DIR}/{item_id}.json")
+            return None if found is None else ItemCommit.from_json(found)
+
+        if not ids:
+            return {}
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids)))) as pool:
+            return {i: c for i, c in zip(ids, pool.map(read, ids)) if c is not None}
+
+    def read_listed_commits(self, item_ids: Iterable[str] | None = None, listed: dict[str, str] | None = None,
+                            snapshot: dict[str, tuple[str, str]] | None = None,
+                            max_workers: int = COMMIT_READERS) -> tuple[dict[str, ItemCommit], int]:
+        """(records, how many were fetched one by one) of `item_ids` that `_commits/` lists (default: all of
+        them): each from the commit snapshot where it holds the listed version (`commit_snapshot`), else by GET.
+        An id the listing lacks counts as not committed (as a resume has always taken the listing).
+        `listed` / `snapshot`: a listing and snapshot already read (a caller going shard by shard)."""
+        listed = commit_snapshot.listed_versions(self.storage, COMMITS_DIR) if listed is None else listed
+        ids = [i for i in (listed if item_ids is None else item_ids) if i in listed]
+        snapshot = commit_snapshot.read_snapshot(self.storage) if snapshot is None and ids else snapshot or {}
+        held = commit_snapshot.from_snapshot(snapshot, listed, ids)
+        fetched = self._get_commits([i for i in ids if i not in held], max_workers)
+        return {i: held.get(i) or fetched[i] for i in ids if i in held or i in fetched}, len(ids) - len(held)
 
     def read_planned_commits(self) -> dict[str, ItemCommit]:
         """The commits of the items `_job.json` plans, in plan order."""
-        return self.read_commits(self.planned_item_ids())
+        return {i: c for shard in self.iter_planned_commits() for i, c in shard.items()}
 
     def prepare(self, fingerprint: dict[str, Any], fp_id: str, items: list[WorkItem],
-                recorded_config: dict[str, Any]) -> dict[str, ItemCommit]:
-        """Check the fingerprint, record the job, drop orphans; returns the existing commits."""
-        job = self.read_job()
+                recorded_config: dict[str, Any], plan_key: str | None = None) -> dict[str, ItemCommit]:
+        """Check the fingerprint, record the job (its plan as shards, written only when absent:
+        `plan_store.write_plan`, `plan_key` the settings that cut it), drop orphans; returns the existing
+        commits."""
+        job = self.read_job_header()
         if job is not None and job.get("fingerprint_id") != fp_id:
             raise OutputError(
                 f"{self.storage.url} holds output of a different job; refusing to mix vectors "
                 f"({describe_difference(job.get('fingerprint', {}), fingerprint)}). "
                 "Use a new output.path, or restore the original settings to resume."
             )
-        commits = self.read_commits()
+        listed = commit_snapshot.listed_versions(self.storage, COMMITS_DIR)
+        commits, fetched = self.read_listed_commits(listed=listed)
         planned = {i.item_id for i in items}
         foreign = [c for c in commits.values() if c.fingerprint_id != fp_id]
         if foreign:
@@ -124,15 +220,24 @@ class OutputRoot:
         stale = sorted(set(commits) - planned)
         if stale:
             raise OutputError(self._stale_message([commits[i] for i in stale], items))
+        plan = plan_store.write_plan(self.storage, items, plan_key)
         fence(self.storage)
         self.storage.write_bytes(JOB_FILE, _dumps({
             "fingerprint": fingerprint, "fingerprint_id": fp_id, "config": recorded_config,
-            "items": [i.to_dict() for i in items], "updated_at": now(),
+            "plan": plan, "updated_at": now(),
         }))
         if self.storage.exists(SUCCESS_FILE):
             self.storage.delete([SUCCESS_FILE])
+        if fetched:  # the next resume reads these from the snapshot
+            commit_snapshot.write_snapshot(self.storage, COMMITS_DIR, commits, listed)
+        with self._snapshot_lock:
+            self._known, self._unsnapshotted = dict(commits), 0
         self.remove_orphans(commits, planned)
         return commits
+
+    def write_commit_snapshot(self, commits: dict[str, ItemCommit]) -> int:
+        """At the end of a run (lock held): snapshot every record, so the next resume or `status` GETs none."""
+        return commit_snapshot.write_snapshot(self.storage, COMMITS_DIR, commits)
 
     def _stale_message(self, stale: list[ItemCommit], items: list[WorkItem]) -> str:
         """Why committed items are not in the plan, naming their input files: changed (still listed, with another
@@ -158,7 +263,8 @@ class OutputRoot:
                 "take changed inputs in with `embedrank reindex` (an index re-embeds only what changed), or use a "
                 "new output.path.")
 
-    def read_rank_commits(self, names: Iterable[str] | None = None, max_workers: int = 16) -> dict[str, RankCommit]:
+    def read_rank_commits(self, names: Iterable[str] | None = None,
+                          max_workers: int = COMMIT_READERS) -> dict[str, RankCommit]:
         """The rank commits listed under `_rank_commits/` (or those of `names`, read directly), by name."""
         names = list(self._names(RANK_COMMITS_DIR) if names is None else names)
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
@@ -247,7 +353,23 @@ class OutputRoot:
             self._adopted[record.item] = existing
             record = existing
         failpoints.hit("after_commit_write")
+        self._note_committed(record)
         return record
+
+    def _note_committed(self, record: ItemCommit) -> None:
+        """Count a new record; every `SNAPSHOT_EVERY` of them, rewrite the commit snapshot (best effort: a failed
+        write costs the next resume GETs only, and a lost lock stops this writer at its next fence anyway)."""
+        with self._snapshot_lock:
+            self._known[record.item] = record
+            self._unsnapshotted += 1
+            if self._unsnapshotted < SNAPSHOT_EVERY:
+                return
+            self._unsnapshotted = 0
+            known = dict(self._known)
+        try:
+            commit_snapshot.write_snapshot(self.storage, COMMITS_DIR, known)
+        except (OSError, LockLost):
+            pass
 
     def write_success(self, totals: Totals) -> None:
         fence(self.storage)

@@ -1,18 +1,21 @@
 """Where a job stands, read from its output alone: safe while it runs, from any machine, and after it ends.
 
 Everything comes from the control files the commit protocol writes anyway
-(`_job.json`, `_commits/`, `_lock.json`, `_SUCCESS`); nothing talks to Ray.
+(`_job.json`, `_plan/`, `_commits/`, `_lock.json`, `_SUCCESS`); nothing talks to Ray.
+Counts are summed a plan shard at a time, so memory follows one shard's records, not the job's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from common.errors import OutputError
+from pipelines.output import plan_store
 from pipelines.output.lock import LOCK_FILE, owner_gone
-from pipelines.output.records import Totals
+from pipelines.output.records import ItemCommit, sum_reasons
 from pipelines.output.root import JOB_FILE, SUCCESS_FILE, OutputRoot
 from pipelines.progress import format_duration
 from pipelines.storage import Storage
@@ -36,6 +39,29 @@ def _state(root: OutputRoot, job: dict[str, Any], lock: dict[str, Any] | None) -
     return f"running on {lock.get('owner')} (heartbeat {age:.0f}s ago)", age
 
 
+class _Sums:
+    """What `status` reports of the commits, summed as they are read (no record is kept)."""
+
+    def __init__(self, run_started: float):
+        self.run_started = run_started
+        self.items = self.rows = self.rejected = self.tokens = self.rejected_files = self.this_run_rows = 0
+        self.reject_reasons: dict[str, int] = {}
+        self.last: float | None = None
+
+    def add(self, commits: Iterable[ItemCommit]) -> None:
+        for c in commits:
+            self.items += 1
+            self.rows += c.rows
+            self.rejected += c.rejected
+            self.tokens += c.tokens
+            self.rejected_files += c.bad_file is not None
+            self.reject_reasons = sum_reasons([self.reject_reasons, c.reject_reasons])
+            when = _when(c.committed_at)
+            if when >= self.run_started:
+                self.this_run_rows += c.rows + c.rejected
+            self.last = when if self.last is None else max(self.last, when)
+
+
 def _newest_version(storage: Storage) -> tuple[OutputRoot, dict[str, Any] | None]:
     """For an index root: the newest version (the one a running reindex builds) and what the pointer names."""
     from pipelines.reindex.index import IndexRoot
@@ -56,28 +82,27 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     lock_root, version = root, None
     if not root.storage.exists(JOB_FILE):
         root, version = _newest_version(root.storage)
-    job = root.read_job()
+    job = root.read_job_header()
     if job is None:
         raise OutputError(f"{output}: no _job.json; not an embedrank output (or nothing was run yet)")
-    items = job["items"]
-    commits = list(root.read_planned_commits().values())
+    plan = plan_store.header(job)
+    run_started = _when(job["updated_at"])
+    sums = _Sums(run_started)
+    for shard in root.iter_planned_commits(job):
+        sums.add(shard.values())
     lock = lock_root.read_json(LOCK_FILE)
     state, heartbeat_age = _state(root, job, lock)
-    sums = Totals.of(commits)
-    planned_rows = sum(i["row_end"] - i["row_start"] for i in items if i["row_end"] is not None)
-    done_rows = sum(c.rows + c.rejected for c in commits)
-    run_started = _when(job["updated_at"])
-    this_run = [c for c in commits if _when(c.committed_at) >= run_started]
-    last = max((_when(c.committed_at) for c in commits), default=None)
+    planned_rows = plan["known_rows"]
+    last = sums.last
     rate = None
-    if this_run and last and last > run_started:
-        rate = sum(c.rows + c.rejected for c in this_run) / (last - run_started)
-    remaining = max(planned_rows - done_rows, 0)
+    if sums.this_run_rows and last and last > run_started:
+        rate = sums.this_run_rows / (last - run_started)
+    remaining = max(planned_rows - sums.rows - sums.rejected, 0)
     status = {
         "output": output, "task": job["fingerprint"].get("task"), "model": job["fingerprint"].get("model"),
-        "state": state, "items_committed": len(commits), "items_total": len(items),
+        "state": state, "items_committed": sums.items, "items_total": plan["items"],
         "rows": sums.rows, "rejected": sums.rejected, "reject_reasons": sums.reject_reasons,
-        "rejected_files": len(sums.rejected_files), "tokens": sums.tokens, "planned_rows": planned_rows,
+        "rejected_files": sums.rejected_files, "tokens": sums.tokens, "planned_rows": planned_rows,
         "run_started": job["updated_at"],
         "last_commit": dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None,
         "rows_per_s": round(rate, 3) if rate else None,

@@ -16,7 +16,8 @@ class IndexConfig(Strict):
     vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
     storage_options: dict[str, Any] | None = storage_options_field("the index filesystem")
     diff_partitions: int = Field(
-        16, gt=0, description="Hash partitions of the joins on id (snapshot vs current version) run on the cluster.",
+        16, gt=0, description="Unused, accepted so that older configs still load: the diff and the carry no longer "
+        "shuffle (each input file is compared with the current version's rows of the same file inside one task).",
     )
 
 

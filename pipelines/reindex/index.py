@@ -4,11 +4,14 @@
                          as Iceberg swaps its metadata pointer. Readers open the version it names.
     ROOT/_lock.json      the one reindex or gc that may write (`pipelines.output.lock`)
     ROOT/v000001/ …      each an output root of the commit protocol (`pipelines.output.root`), plus `_reindex.json`
-                         (its base version, fingerprint, snapshot plan digest and diff counts)
+                         (its base version, fingerprint, snapshot plan digest, diff counts, the items it keeps by
+                         content digest and where moved documents carry from) and `_digests.json` (each item's
+                         content digest, which the next version matches its items against)
 
 A version's commit records may name files of older versions (`../v000001/data/…`): a work item whose
-input bytes and job fingerprint are unchanged keeps its committed files by reference, so an unchanged
-shard costs one small JSON write. `gc` therefore deletes only files that no kept version names.
+input bytes and job fingerprint are unchanged, or whose content digest equals a committed item's (a
+re-exported or renamed file), keeps those committed files by reference, so an unchanged shard costs one
+small JSON write. `gc` therefore deletes only files that no kept version names.
 Versions are numbered densely: a new attempt is always `current + 1`, and an unpublished attempt that
 no longer matches the snapshot is discarded before it is reused.
 """
@@ -29,6 +32,7 @@ from pipelines.storage import PreconditionFailed, Storage
 
 CURRENT_FILE = "_CURRENT.json"
 REINDEX_FILE = "_reindex.json"
+DIGESTS_FILE = "_digests.json"
 _VERSION = re.compile(r"^v(\d{6})$")
 
 
@@ -87,6 +91,16 @@ class IndexRoot:
     def write_attempt_state(self, name: str, state: dict[str, Any]) -> None:
         fence(self.storage)
         self.storage.write_bytes(f"{name}/{REINDEX_FILE}", json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def digests(self, name: str | None) -> dict[str, str] | None:
+        """Item id → content digest of version `name`'s items (None: not recorded, a version built before them)."""
+        found = self._json(f"{name}/{DIGESTS_FILE}") if name else None
+        return None if found is None else {k: v for k, v in found.get("digests", {}).items() if v}
+
+    def write_digests(self, name: str, digests: dict[str, str | None]) -> None:
+        fence(self.storage)
+        data = {"format": 1, "digests": {k: v for k, v in sorted(digests.items()) if v}}
+        self.storage.write_bytes(f"{name}/{DIGESTS_FILE}", json.dumps(data, separators=(",", ":")).encode())
 
     def discard(self, name: str) -> int:
         """Delete every file of an unpublished version; returns how many."""

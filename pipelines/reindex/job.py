@@ -1,25 +1,37 @@
 """`embedrank reindex`: the next version of an index from a new snapshot, computing only what changed.
 
-1. Plan the snapshot; read the current version (the pointer) and its commits.
+1. Plan the snapshot; read the current version (the pointer), its commits and its items' content digests.
 2. Items whose input bytes and job fingerprint are unchanged are kept by reference: their commit records are
    copied with paths rebased to the old files (no read, no compute, no copy of vectors).
-3. Diff, on the cluster: the other items' rows ⟗ the current version's other rows on id gives the counts of
-   new, changed, unchanged, deleted and rejected documents. Nothing new, changed or deleted: nothing is
-   published. With a changed fingerprint there is no diff: every vector changes (a full re-embed).
-4. Build, on the cluster: those items' rows ⟕ the base's vectors on id; unchanged documents carry their
-   vector, new and changed ones are embedded; each item commits exactly as in `embedrank embed` (so a rerun
-   after a crash resumes the same unpublished version).
-5. Publish (the step after close): `_SUCCESS` in the version, then the pointer, written last and atomically.
+3. Digest, on the cluster (one task per item, reading ids, texts and pass-through values): each other item's
+   content digest. An item whose digest equals a committed item's of the current version (whatever its file's
+   name or bytes: a re-export, a renamed shard) is kept by reference too, under its new item id.
+4. Diff, on the cluster, one task per input file: its remaining items' rows ⟗ the current version's rows of
+   the same file on id, inside the task (no shuffle); the documents no local join matched (new, deleted, moved
+   between files) come to the driver, which pairs them (`pipelines.reindex.match`). Out: exact counts of new,
+   changed, unchanged, deleted and rejected documents. Nothing new, changed or deleted: nothing is published.
+   With a changed fingerprint there is no diff: every vector changes (a full re-embed).
+5. Build, on the cluster, one task per remaining item: its rows; unchanged documents carry their vector from
+   the base files of the same input file (and those its moved documents came from), read in the same task;
+   new and changed ones are embedded; each item commits exactly as in `embedrank embed` (so a rerun after a
+   crash resumes the same unpublished version, with the decisions of steps 3-4 read back from `_reindex.json`).
+6. Publish (the step after close): `_SUCCESS` in the version, then the pointer, written last and atomically.
+
+The summary says where the time went (`phases`: plan, base, digest, diff, build, close, publish).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import posixpath
+import json
 import time
 from typing import Any, TextIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.columns import CONTENT_DIGEST, DIFF_JSON, ITEM
 from common.errors import OutputError
 from pipelines.embed.job import embed_fingerprint
 from pipelines.fingerprint import describe_difference, fingerprint_id
@@ -31,8 +43,17 @@ from pipelines.progress import format_duration
 from pipelines.ray_runtime import stream_rows
 from pipelines.reindex.config import ReindexJobConfig
 from pipelines.reindex.index import CURRENT_FILE, IndexRoot, rebase
+from pipelines.reindex.match import (
+    base_files_by_source,
+    diff_tasks,
+    keep_by_digest,
+    kept_commit,
+    resolve,
+)
 from pipelines.reindex.stages import CHANGE_KINDS
 from pipelines.storage import Storage
+
+PHASES = ("plan", "base", "digest", "diff", "build", "close", "publish")
 
 
 def _plan_digest(plan: Plan) -> str:
@@ -40,7 +61,7 @@ def _plan_digest(plan: Plan) -> str:
 
 
 class _Base:
-    """The current version as this run sees it: its fingerprint and commit records."""
+    """The current version as this run sees it: its fingerprint, commit records and items' content digests."""
 
     def __init__(self, index: IndexRoot):
         pointer = index.current()
@@ -48,6 +69,7 @@ class _Base:
         self.fingerprint_id: str | None = None
         self.fingerprint: dict[str, Any] = {}
         self.commits: dict[str, ItemCommit] = {}
+        self.digests: dict[str, str] = {}
         if self.name is None:
             return
         root = index.version_root(self.name)
@@ -58,16 +80,12 @@ class _Base:
         self.fingerprint = job["fingerprint"]
         self.fingerprint_id = job["fingerprint_id"]
         self.commits = root.read_planned_commits()
-
-    def files(self, exclude: set[str]) -> list[str]:
-        """Data files (relative to the index root) of the base's items not in `exclude`."""
-        return sorted(posixpath.normpath(posixpath.join(self.name or "", f.path))
-                      for item, c in self.commits.items() if item not in exclude for f in c.files)
+        self.digests = index.digests(self.name) or {}
 
 
 @dataclasses.dataclass
 class _Attempt:
-    """What the reindex steps pass each other: the base, the version being built, the diff."""
+    """What the reindex steps pass each other: the base, the version being built, the diff, the phase times."""
 
     index: IndexRoot
     base: _Base
@@ -79,28 +97,42 @@ class _Attempt:
     resumed: bool
     full_reembed: bool
     started: float
+    by_digest: int = 0
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    mark: float = 0.0
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self.mark, 3)
+        self.mark = now
 
 
-def _diff(cfg: ReindexJobConfig, items: list[WorkItem], fp_id: str, base_files: list[str], index: IndexRoot,
-          kept: dict[str, ItemCommit], stream: TextIO) -> dict[str, int]:
+def _digests(cfg: ReindexJobConfig, items: list[WorkItem], fp_id: str) -> dict[str, str | None]:
+    """Phase 1 (cluster): each readable item's content digest."""
+    from pipelines.reindex.graph import build_digest_graph
+
+    readable = [i for i in items if not i.bad_reason]
+    if not readable:
+        return {}
+    return {row[ITEM]: row[CONTENT_DIGEST] for row in stream_rows(
+        lambda: build_digest_graph(cfg.input, readable, fp_id, cfg.compute.io_num_cpus), cfg.run)}
+
+
+def _diff(cfg: ReindexJobConfig, items: list[WorkItem], fp_id: str, by_source: dict[str, list[str]],
+          index: IndexRoot, kept: dict[str, ItemCommit]) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Phase 2 (cluster, one task per input file): exact counts, and per item the base files its moved
+    unchanged documents carry from."""
     from pipelines.reindex.graph import build_diff_graph
 
-    counts = dict.fromkeys(CHANGE_KINDS, 0)
-    readable = [i for i in items if not i.bad_reason]
-    if readable or base_files:
-        started = last = time.monotonic()
-        for row in stream_rows(lambda: build_diff_graph(cfg.input, readable, fp_id, base_files, index.storage,
-                                                        cfg.index.diff_partitions, cfg.compute.io_num_cpus), cfg.run):
-            for kind in CHANGE_KINDS:
-                counts[kind] += row[kind]
-            if time.monotonic() - last >= cfg.run.progress_interval_s:
-                last = time.monotonic()
-                print(f"[diff] {sum(counts.values()):,} documents compared so far ({_count_line(counts)}) · "
-                      f"{format_duration(last - started)}", file=stream, flush=True)
+    tasks = diff_tasks([i for i in items if not i.bad_reason], by_source)
+    results = [json.loads(row[DIFF_JSON]) for row in stream_rows(
+        lambda: build_diff_graph(cfg.input, tasks, fp_id, index.storage, cfg.compute.io_num_cpus), cfg.run)] \
+        if tasks else []
+    counts, moved = resolve(results)
     counts["unchanged"] += sum(c.rows for c in kept.values())
     counts["rejected"] += sum(c.rejected for c in kept.values())
     counts["files_rejected"] = sum(1 for i in items if i.bad_reason)
-    return counts
+    return counts, moved
 
 
 def _nothing_changed(counts: dict[str, int], base: _Base, kept: dict[str, ItemCommit]) -> bool:
@@ -117,6 +149,19 @@ def _count_line(counts: dict[str, int]) -> str:
         return (f"full re-embed {counts['reembedded']:,} (no per-document diff: every vector changes) · "
                 f"rejected {counts['rejected']:,}")
     return " · ".join(f"{k} {counts.get(k, 0):,}" for k in CHANGE_KINDS)
+
+
+def _phase_line(phases: dict[str, float]) -> str:
+    return "reindex: time by phase: " + " · ".join(f"{p} {phases.get(p, 0.0):.1f}s" for p in PHASES)
+
+
+def _vector_type(index: IndexRoot, carry_from: dict[str, list[str]]) -> pa.DataType | None:
+    """The stored vector type of the base (read from one base file's footer); None: no base file to carry from."""
+    path = next((p for paths in carry_from.values() for p in paths), None)
+    if path is None:
+        return None
+    with index.storage.fs.open(index.storage.path(path), "rb") as f:
+        return pq.read_schema(f).field("embedding").type
 
 
 class ReindexJob(JobSpec):
@@ -141,6 +186,12 @@ class ReindexJob(JobSpec):
     def output_url(self, cfg: ReindexJobConfig) -> str:
         return cfg.index.path
 
+    def plan(self, cfg: ReindexJobConfig, stream: TextIO) -> Plan:
+        started = time.monotonic()
+        plan = super().plan(cfg, stream)
+        self._plan_s = round(time.monotonic() - started, 3)
+        return plan
+
     def prepare(self, cfg: ReindexJobConfig, plan: Plan, stream: TextIO) -> Work | dict[str, Any]:
         started = time.monotonic()
         index = self._index(cfg)
@@ -152,20 +203,46 @@ class ReindexJob(JobSpec):
             print(f"reindex: the model or its settings differ from {base.name}'s "
                   f"({describe_difference(base.fingerprint, fingerprint)}): FULL RE-EMBED of every document",
                   file=stream, flush=True)
-        kept = {i.item_id: base.commits[i.item_id] for i in plan.items if same_model and i.item_id in base.commits}
-        rebuild = [i for i in plan.items if i.item_id not in kept]
-        base_files = base.files(exclude=set(kept))
+        by_id = {i.item_id: base.commits[i.item_id] for i in plan.items if same_model and i.item_id in base.commits}
+        rebuild = [i for i in plan.items if i.item_id not in by_id]
 
         target, state = index.start_attempt(base.name, {"base": base.name, "fingerprint_id": fp_id,
                                                         "plan_digest": _plan_digest(plan)}, stream)
         resumed = "counts" in state or index.version_root(target).read_job() is not None
-        print(f"reindex: {'resuming' if resumed else 'building'} {target} from "
-              f"{base.name or 'nothing (first version)'}: {len(kept)} item(s) unchanged (kept by reference), "
-              f"{len(rebuild)} to read", file=stream, flush=True)
+        attempt = _Attempt(index, base, target, {}, rebuild, state.get("counts"), state, resumed,
+                           full_reembed=base.name is not None and not same_model, started=started,
+                           phases={"plan": getattr(self, "_plan_s", 0.0)}, mark=started)
+        attempt.lap("base")
+
+        digests = index.digests(target) if resumed else None
+        if digests is None:  # phase 1: every item not kept by its bytes gets a digest, which this version records
+            digests = {**{i: base.digests.get(i) for i in by_id}, **_digests(cfg, rebuild, fp_id)}
+            index.write_digests(target, digests)
+        attempt.lap("digest")
+
+        by_digest: dict[str, str] = state.get("kept_by_digest", {})
+        moved: dict[str, list[str]] = state.get("moved", {})
         if "counts" not in state and same_model:  # a full re-embed needs no diff: every vector changes
-            state = {**state, "counts": _diff(cfg, rebuild, fp_id, base_files, index, kept, stream)}
+            candidates = {k: c for k, c in base.commits.items() if k not in by_id}
+            by_digest = keep_by_digest(rebuild, digests, candidates, base.digests)
+        items = {i.item_id: i for i in plan.items}
+        kept = {**by_id, **{n: kept_commit(base.commits[b], items[n], lambda p: p, base.name)
+                            for n, b in by_digest.items()}}
+        rebuild = [i for i in rebuild if i.item_id not in by_digest]
+        used = set(by_id) | set(by_digest.values())
+        by_source = base_files_by_source(base.name or "", {k: c for k, c in base.commits.items() if k not in used})
+        if "counts" not in state and same_model:
+            counts, moved = _diff(cfg, rebuild, fp_id, by_source, index, kept)
+            state = {**state, "counts": counts, "kept_by_digest": by_digest, "moved": moved}
             index.write_attempt_state(target, state)
-        counts = state.get("counts")
+        attempt.lap("diff")
+        attempt.kept, attempt.rebuild, attempt.by_digest = kept, rebuild, len(by_digest)
+        attempt.counts, attempt.attempt_state = state.get("counts"), state
+        print(f"reindex: {'resuming' if resumed else 'building'} {target} from "
+              f"{base.name or 'nothing (first version)'}: {len(kept)} item(s) kept by reference ({len(by_id)} "
+              f"unchanged in bytes, {len(by_digest)} by content digest), {len(rebuild)} to rebuild",
+              file=stream, flush=True)
+        counts = attempt.counts
         if counts is not None:
             print(f"reindex: diff against {base.name}: {_count_line(counts)}", file=stream, flush=True)
             if same_model and _nothing_changed(counts, base, kept):
@@ -173,24 +250,29 @@ class ReindexJob(JobSpec):
                 print(f"reindex: nothing changed since {base.name}; nothing published, {base.name} stays current",
                       file=stream, flush=True)
                 return {"published": None, "version": base.name, "base": base.name, "counts": counts,
-                        "embedded_rows": 0, "wall_s": round(time.monotonic() - started, 3)}
+                        "embedded_rows": 0, "items_by_reference": len(kept), "items_by_digest": len(by_digest),
+                        "phases": attempt.phases,
+                        "wall_s": round(time.monotonic() - started, 3)}
 
         from pipelines.reindex.graph import build_reindex_graph
 
         vroot = index.version_root(target)
         embed_cfg = cfg.embed_config(index.version_url(target))
-        carry_from = base_files if same_model else []
+        carry_from = None
+        if same_model:
+            carry_from = {i.item_id: sorted(set(by_source.get(i.rel, [])) | set(moved.get(i.item_id, [])))
+                          for i in rebuild}
+        vector_type = _vector_type(index, carry_from) if carry_from else None
         rebased = {item: c.by_reference(lambda path: rebase(path, base.name, target), base.name)
                    for item, c in kept.items()}
         return Work(root=vroot, source=cfg.input, fingerprint=fingerprint, reused=rebased,
-                    build_graph=lambda items: build_reindex_graph(embed_cfg, items, vroot.storage, fingerprint, fp_id,
-                                                                  carry_from, index.storage,
-                                                                  cfg.index.diff_partitions),
-                    state=_Attempt(index, base, target, kept, rebuild, counts, state, resumed,
-                                   full_reembed=base.name is not None and not same_model, started=started))
+                    build_graph=lambda todo: build_reindex_graph(embed_cfg, todo, vroot.storage, fingerprint, fp_id,
+                                                                 carry_from, index.storage, vector_type),
+                    state=attempt)
 
     def after_items(self, cfg: ReindexJobConfig, work: Work, outcome: ItemsOutcome, stream: TextIO) -> Totals:
         attempt: _Attempt = work.state
+        attempt.lap("build")
         totals = Totals.of(outcome.commits.values())
         if attempt.counts is None:  # the first version (every live document is new), or a full re-embed
             base = attempt.base
@@ -205,22 +287,26 @@ class ReindexJob(JobSpec):
     def after_close(self, cfg: ReindexJobConfig, work: Work, outcome: ItemsOutcome, totals: Totals,
                     stream: TextIO) -> dict[str, Any]:
         a: _Attempt = work.state
+        a.lap("close")
         this_run = [c for item, c in outcome.commits.items() if item not in outcome.before]
         embedded = sum(c.rows - c.carried for c in this_run)
         embedded_total = totals.rows - totals.carried
         a.index.publish(a.target, {"base": a.base.name, "fingerprint_id": outcome.fingerprint_id,
                                    "rows": totals.rows, "counts": a.counts})
+        a.lap("publish")
         wall = time.monotonic() - a.started
         live = max(totals.rows, 1)
         print(f"reindex: published {a.target} (base {a.base.name or 'none'}) · {_count_line(a.counts)} · "
               f"embedded {embedded_total:,} of {totals.rows:,} live document(s) "
               f"({100 * embedded_total / live:.1f}%; {embedded:,} in this run), carried {totals.carried:,} · "
-              f"{len(a.kept)} item(s) by reference, {len(a.rebuild)} rebuilt · {format_duration(wall)}",
-              file=stream, flush=True)
+              f"{len(a.kept)} item(s) by reference ({a.by_digest} by content digest), {len(a.rebuild)} rebuilt · "
+              f"{format_duration(wall)}", file=stream, flush=True)
+        print(_phase_line(a.phases), file=stream, flush=True)
         return {"published": a.target, "version": a.target, "base": a.base.name, "counts": a.counts,
                 "embedded_rows": embedded, "embedded_rows_in_version": embedded_total,
-                "carried_rows": totals.carried, "items_by_reference": len(a.kept), "items_rebuilt": len(a.rebuild),
-                "full_reembed": a.full_reembed,
+                "carried_rows": totals.carried, "items_by_reference": len(a.kept), "items_by_digest": a.by_digest,
+                "items_rebuilt": len(a.rebuild), "full_reembed": a.full_reembed, "phases": a.phases,
+                "startup": outcome.startup.to_json(),
                 "resumed": a.resumed, "totals": totals.to_json(), "wall_s": round(wall, 3)}
 
 

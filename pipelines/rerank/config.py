@@ -10,7 +10,7 @@ from actors import rerank_prompts
 from actors.settings import RerankSettings
 from common.columns import DOC_ID, QUERY, QUERY_ID, TEXT
 from pipelines.config import (AUTO, FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, auto_or,
-                              model_path_field, storage_options_field)
+                              model_path_field, storage_options_field, target_file_mb_field)
 
 RankBuckets = auto_or(Annotated[int, Field(ge=1)])
 
@@ -57,6 +57,7 @@ class RerankOutputConfig(Strict):
         "MAX_PAIRS_PER_BUCKET`, ≈0.7 GiB a task), chosen when the rank phase starts, printed and recorded in each "
         "rank commit; a resumed rank phase keeps the count its commits record. An integer fixes the count."
     )
+    target_file_mb: float = target_file_mb_field()
     storage_options: dict[str, Any] | None = storage_options_field("the output filesystem")
 
 

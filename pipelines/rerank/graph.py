@@ -50,7 +50,8 @@ def build_score_graph(cfg: RerankJobConfig, items: list[WorkItem], doc_items: li
                             fn_constructor_kwargs={"settings": cfg.replica_settings(fingerprint.get("model_digest"))},
                             **graph.model_pool(c))
     return graph.write(flow, c.io_num_cpus, storage=storage, fingerprint=fingerprint, output_columns=SCORE_OUTPUT,
-                       data_dir=SCORES_DIR, reject_id_columns=(QUERY_ID, DOC_ID))
+                       data_dir=SCORES_DIR, reject_id_columns=(QUERY_ID, DOC_ID),
+                       target_file_bytes=cfg.output.target_file_mb * 2**20)
 
 
 def build_rank_graph(score_files: list[str], storage: Storage, fingerprint: dict[str, Any], buckets: int,

@@ -21,7 +21,7 @@ from pipelines.lifecycle import ItemsOutcome, JobSpec, Work
 from pipelines.output.records import RankCommit, Totals
 from pipelines.output.root import OutputRoot
 from pipelines.preflight import preflight_model
-from pipelines.ray_runtime import stream_rows
+from pipelines.ray_runtime import map_on_cluster, stream_rows
 from pipelines.rerank.config import RerankJobConfig
 from pipelines.rerank.ranking import rank_bucket_count
 from pipelines.storage import Storage
@@ -100,7 +100,7 @@ class RerankJob(JobSpec):
         plan = super().plan(cfg, stream)
         documents: list[WorkItem] = []
         if cfg.documents is not None:
-            doc_plan = make_plan(cfg.documents)
+            doc_plan = make_plan(cfg.documents, on_cluster=map_on_cluster(cfg.run, stream))
             documents = [i for i in doc_plan.items if not i.bad_reason]
             print(f"documents: {len(documents)} work item(s)", file=stream, flush=True)
             for bad in doc_plan.bad_items:

@@ -17,9 +17,9 @@ from pipelines.embed import graph as embed_graph
 from pipelines.reindex import graph as reindex_graph
 from pipelines.rerank import graph as rerank_graph
 from pipelines.embed.config import EmbedJobConfig, InputConfig
-from pipelines.input.plan import make_plan
+from pipelines.input.plan import WorkItem, make_plan
 from pipelines.input.reading import read_items, row_columns
-from pipelines.reindex.stages import count_changes
+from pipelines.reindex.stages import digest_items
 from pipelines.rerank.config import RerankJobConfig
 from pipelines.rerank.joining import order_joined_item, read_documents
 from pipelines.stages import EVERY_COLUMN, MissingColumnError, Stage
@@ -45,9 +45,9 @@ def test_a_replica_class_checks_its_batch_before_any_model_work():
 
 
 def test_a_batch_with_every_needed_column_runs_the_stage_unchanged():
-    joined = pa.table({"id": ["a", "b"], "content_hash": ["h", "h"], "_base_hash": ["h", None],
-                       "_in_snapshot": [True, True], "_in_base": [True, None], "_rejected": [False, False]})
-    assert count_changes.stage.task()(joined).equals(count_changes(joined))
+    joined = pa.table({"_row": [1, 0], "_reject": pa.array([None, None], pa.string()), "text": ["x", "y"],
+                       "_doc_reject": pa.array([None, None], pa.string()), "_doc_found": [True, True]})
+    assert order_joined_item.stage.task()(joined).equals(order_joined_item(joined))
 
 
 # --- the wrapper Ray maps -------------------------------------------------------------------------------------
@@ -100,6 +100,8 @@ def fake_ray(monkeypatch):
     """Graphs built without Ray: sources, the actor pool and the tokenizer are stubbed; the columns are real."""
     monkeypatch.setattr(graph, "item_source", lambda items: graph.Flow(FakeDataset(["Items"]), frozenset({ITEM_JSON})))
     monkeypatch.setattr(graph, "path_source", lambda paths: graph.Flow(FakeDataset(["Paths"]), frozenset({"path"})))
+    monkeypatch.setattr(graph, "source", lambda column, values, blocks: graph.Flow(FakeDataset(["Tasks"]),
+                                                                                   frozenset({column})))
     monkeypatch.setattr(graph, "model_pool", lambda compute: {})
     monkeypatch.setattr(embed_graph, "tokenizer_args", lambda cfg, fingerprint: {})
 
@@ -123,17 +125,14 @@ def test_every_graph_chains_its_stages_consistently(fake_ray):
     cfg = embed_config()
     assert embed_graph.build_embed_graph(cfg, ["item"], None, {}).ops == [
         "Items", "MapBatches(read_and_tokenize)", *EMBED_AND_WRITE]
-    assert reindex_graph.build_reindex_graph(cfg, ["item"], None, {}, "fp", [], None, 4).ops == [
+    item = WorkItem("i", "in/p.parquet", "p.parquet", "parquet", 0, 1, (0, 1), 0)
+    assert reindex_graph.build_reindex_graph(cfg, [item], None, {}, "fp", None, None, None).ops == [
         "Items", "MapBatches(read_hash_and_tokenize)", *EMBED_AND_WRITE]
-    assert reindex_graph.build_reindex_graph(cfg, ["item"], None, {}, "fp", ["f"], None, 4).ops == [
-        "Items", "MapBatches(read_with_hash)", "Join(left_outer on id: Paths, MapBatches(read_base_vectors))",
-        "GroupBy(_item)", "MapGroups(carry_or_tokenize)", *EMBED_AND_WRITE]
-    for items, files, start in ((["i"], ["f"], ["Items", "MapBatches(read_snapshot_keys)",
-                                                  "Join(full_outer on id: Paths, MapBatches(read_base_keys))"]),
-                                (["i"], [], ["Items", "MapBatches(read_snapshot_keys)"]),
-                                ([], ["f"], ["Paths", "MapBatches(read_base_keys)"])):
-        assert reindex_graph.build_diff_graph(cfg.input, items, "fp", files, None, 4, 0.25).ops == [
-            *start, "MapBatches(count_changes)"]
+    assert reindex_graph.build_reindex_graph(cfg, [item], None, {}, "fp", {"i": ["f"]}, None, pa.float32()).ops == [
+        "Tasks", "MapBatches(carry_locally)", *EMBED_AND_WRITE]
+    assert reindex_graph.build_digest_graph(cfg.input, [item], "fp", 0.25).ops == ["Items", "MapBatches(digest_items)"]
+    assert reindex_graph.build_diff_graph(cfg.input, [{"items": [], "base_files": ["f"]}], "fp", None, 0.25).ops == [
+        "Tasks", "MapBatches(diff_file)"]
     score = ["MapBatches(RerankReplica)", "MapBatches(write_pieces)"]
     assert rerank_graph.build_score_graph(rerank_config(documents=False), ["i"], [], None, {}).ops == [
         "Items", "MapBatches(read_items)", *score]
@@ -159,7 +158,7 @@ def test_wiring_a_stage_where_its_needs_are_unmet_fails_as_the_graph_is_built():
 def test_columns_after_keeps_drops_and_adds():
     kept = Stage(order_joined_item, needs=(ROW,), adds=(TEXT,), drops=(DOC_FOUND, DOC_REJECT))
     assert kept.columns_after({ROW, DOC_FOUND, DOC_REJECT, QUERY_ID}) == {ROW, QUERY_ID, TEXT}
-    replaced = Stage(count_changes, adds=("new",), drops=EVERY_COLUMN)
+    replaced = Stage(digest_items, adds=("new",), drops=EVERY_COLUMN)
     assert replaced.columns_after({ROW, TEXT}) == {"new"}
 
 

@@ -161,7 +161,7 @@ def test_jsonl_corpus_with_bad_lines_and_an_empty_file(ray_local, s3_bucket, s3_
     rejects = read_committed(out, opts, rejects=True)
     # a reject's row counts lines within its item: the items before it in the file give the line's number
     commits = OutputRoot(Storage(out, opts)).read_planned_commits()
-    items = [i for i in json.loads(fs.cat(f"{bucket}/vectors/jsonl/_job.json"))["items"] if i["rel"] == "a.jsonl"]
+    items = [i for i in OutputRoot(Storage(out, opts)).read_job()["items"] if i["rel"] == "a.jsonl"]
     assert len(items) == 4 and all(i["byte_start"] is not None for i in items)
     first_line = dict(zip([i["item_id"] for i in items],
                           np.cumsum([0] + [commits[i["item_id"]].row_end for i in items[:-1]]).tolist()))

@@ -205,8 +205,8 @@ def test_a_job_whose_shard_is_rewritten_after_planning_stops_naming_it_and_commi
         (corpus / name).write_bytes(parquet_bytes(ORIGINAL, 4))
     planned, plans = lifecycle.make_plan, []
 
-    def plan_then_rewrite(cfg):  # the shard changes in the store between planning and reading
-        plan = planned(cfg)
+    def plan_then_rewrite(cfg, **options):  # the shard changes in the store between planning and reading
+        plan = planned(cfg, **options)
         plans.append(plan)
         time.sleep(0.01)
         (corpus / "b.parquet").write_bytes(REWRITES["fewer_row_groups"]())

@@ -126,3 +126,53 @@ def test_jsonl_is_one_item_per_file_with_rows_learnt_when_read(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     plan = make_plan(InputConfig(paths=[str(tmp_path / "*.jsonl")], format="jsonl"))
     assert len(plan.items) == 1 and plan.items[0].row_end is None and plan.unknown_row_items == 1
+
+
+def _corpus_of_many_files(folder, n):
+    for k in range(n):
+        write_parquet(folder / f"part-{k:02d}.parquet", 7 + k, 5)
+    (folder / "part-99.parquet").write_bytes(b"not parquet")  # a bad file planned remotely is still rejected whole
+    return InputConfig(paths=[str(folder / "*.parquet")], rows_per_item=10)
+
+
+def _shape(plan):
+    return [(i.item_id, i.rel, i.row_start, i.row_end, i.row_groups, i.bad_reason) for i in plan.items]
+
+
+def test_many_footers_are_read_by_cluster_tasks_a_chunk_each(tmp_path, monkeypatch):
+    from pipelines.input import plan as plan_module
+
+    cfg = _corpus_of_many_files(tmp_path, 9)
+    monkeypatch.setattr(plan_module, "FOOTERS_ON_CLUSTER", 5)
+    monkeypatch.setattr(plan_module, "FOOTER_TASK_FILES", 4)
+    calls = []
+
+    def on_cluster(fn, chunks, **kwargs):  # what a cluster does, here in turn: a chunk is one task's argument
+        calls.append([len(c) for c in chunks])
+        return [fn(c, **kwargs) for c in chunks]
+
+    threaded = make_plan(cfg)
+    remote = make_plan(cfg, on_cluster=on_cluster)
+    assert calls == [[4, 4, 2]] and _shape(remote) == _shape(threaded) and remote.footers_read == 10
+    assert [i.bad_reason for i in remote.items].count("unreadable_file") == 1
+    monkeypatch.setattr(plan_module, "FOOTERS_ON_CLUSTER", 10)  # at the threshold: the driver's threads
+    make_plan(cfg, on_cluster=on_cluster)
+    assert len(calls) == 1
+
+
+@pytest.mark.integration
+def test_cluster_footer_reads_run_as_ray_tasks_and_plan_the_same_items(tmp_path, monkeypatch, session_ray):
+    from pipelines.config import RunConfig
+    from pipelines.input import plan as plan_module
+    from pipelines.ray_runtime import map_on_cluster
+
+    cfg = _corpus_of_many_files(tmp_path, 6)
+    monkeypatch.setattr(plan_module, "FOOTERS_ON_CLUSTER", 2)
+    monkeypatch.setattr(plan_module, "FOOTER_TASK_FILES", 3)
+    real, chunks = map_on_cluster(RunConfig(ray_address=session_ray)), []
+
+    def on_cluster(fn, args, **kwargs):
+        chunks.append(len(args))
+        return real(fn, args, **kwargs)
+
+    assert _shape(make_plan(cfg, on_cluster=on_cluster)) == _shape(make_plan(cfg)) and chunks == [3]

@@ -8,10 +8,19 @@ import pytest
 
 from common.errors import OutputError
 from pipelines.config import ConfigError, load_config
+from pipelines.input.plan import WorkItem
 from pipelines.output.lock import OutputLock
+from pipelines.output.records import FileRef, ItemCommit
 from pipelines.reindex.config import ReindexJobConfig
-from pipelines.reindex.index import CURRENT_FILE, IndexRoot, rebase, version_name, version_number
-from pipelines.reindex.stages import content_hashes, count_changes
+from pipelines.reindex.index import (
+    CURRENT_FILE,
+    IndexRoot,
+    rebase,
+    version_name,
+    version_number,
+)
+from pipelines.reindex.match import diff_tasks, keep_by_digest, kept_commit, resolve
+from pipelines.reindex.stages import content_hashes, item_digest
 from pipelines.storage import Storage
 
 
@@ -54,17 +63,61 @@ def test_content_hash_depends_on_text_and_fingerprint():
     assert a[0] == a[3] != a[1] and a[2] is None and b[0] != a[0] and len(a[0]) == 32
 
 
-def test_change_counts_of_a_full_outer_join():
-    joined = pa.table({
-        "id": ["n", "c", "u", "d", None],
-        "content_hash": ["1", "2", "3", None, None],
-        "_rejected": [False, False, False, None, True],
-        "_in_snapshot": [True, True, True, None, True],
-        "_base_hash": [None, "9", "3", "4", None],
-        "_in_base": [None, True, True, True, None],
-    })
-    assert count_changes(joined).to_pylist() == [{"new": 1, "changed": 1, "unchanged": 1, "deleted": 1,
-                                                  "rejected": 1}]
+def test_diff_and_moves_resolve_to_exact_counts():
+    """Two files' local diffs: x3 moved from file a to b unchanged (carried from a's file), x4 moved and edited,
+    n1 new, x9 deleted; counts are exact and only the moved unchanged document names a base file to carry from."""
+    results = [
+        {"unchanged": 5, "changed": 1, "rejected": 1, "new": [["n1", "h", "item-a"]],
+         "gone": [["x3", "h3", "v1/data/a.parquet"], ["x4", "h4", "v1/data/a.parquet"],
+                  ["x9", "h9", "v1/data/a.parquet"]]},
+        {"unchanged": 7, "changed": 0, "rejected": 0, "new": [["x3", "h3", "item-b"], ["x4", "h4-edited", "item-b"]],
+         "gone": []},
+    ]
+    counts, moved = resolve(results)
+    assert counts == {"new": 1, "changed": 2, "unchanged": 13, "deleted": 1, "rejected": 1}
+    assert moved == {"item-b": ["v1/data/a.parquet"]}
+
+
+def _item(item_id: str, rel: str, start: int, end: int) -> WorkItem:
+    return WorkItem(item_id, f"/c/{rel}", rel, "parquet", start, end, (0, 1), 0, size=1, version="1")
+
+
+def _commit(item: str, source: str, start: int, end: int, **kw) -> ItemCommit:
+    files = (FileRef(f"data/{item}.parquet", end - start, "0" * 64, 10, start, end),)
+    return ItemCommit(item=item, fingerprint_id="fp", source=source, row_start=start, row_end=end, files=files,
+                      rows=end - start, **kw)
+
+
+def test_items_are_kept_by_digest_one_to_one_whatever_the_file_name():
+    base = {"b1": _commit("b1", "a.parquet", 0, 10), "b2": _commit("b2", "b.parquet", 0, 10),
+            "b3": _commit("b3", "c.parquet", 0, 10, rejected=1, rejects=(FileRef("_rejects/r", 1, "0" * 64),)),
+            "b4": _commit("b4", "old.parquet", 0, 10)}
+    digests = {"b1": "d1", "b2": "d1", "b3": "d3", "b4": "d4"}
+    new = [_item("n1", "b.parquet", 0, 10), _item("n2", "c.parquet", 0, 10), _item("n3", "renamed.parquet", 20, 30),
+           _item("n4", "z.parquet", 0, 10), _item("n5", "y.parquet", 0, 10)]
+    kept = keep_by_digest(new, {"n1": "d1", "n2": "d3", "n3": "d4", "n4": "d1", "n5": None}, base, digests)
+    # n1 takes the same file's b2; n4 (same digest) the other; b3 has rejects (never kept); n5 has no digest
+    assert kept == {"n1": "b2", "n3": "b4", "n4": "b1"}
+    record = kept_commit(base["b4"], new[2], lambda p: "../v000001/" + p, "v000001")
+    assert (record.item, record.source, record.row_start, record.row_end) == ("n3", "renamed.parquet", 20, 30)
+    assert record.files[0].path == "../v000001/data/b4.parquet" and (record.files[0].first_row,
+                                                                       record.files[0].end_row) == (20, 30)
+    assert record.carried == 10 and record.carried_from == "v000001"
+    tasks = diff_tasks([new[0], new[1]], {"b.parquet": ["v1/b"], "c.parquet": ["v1/c"], "gone.parquet": ["v1/g"]})
+    assert [(sorted(i["item_id"] for i in t["items"]), t["base_files"]) for t in tasks] == [
+        (["n1"], ["v1/b"]), (["n2"], ["v1/c"]), ([], ["v1/g"])]
+
+
+def test_item_digest_ignores_row_order_and_sees_ids_texts_and_pass_through():
+    def rows(ids, hashes, lang=None, reject=None):
+        t = pa.table({"id": ids, "content_hash": hashes, "_reject": reject or [None] * len(ids)})
+        return t.append_column("lang", pa.array(lang)) if lang else t
+
+    a = item_digest(rows(["x", "y"], ["1", "2"]), [])
+    assert a == item_digest(rows(["y", "x"], ["2", "1"]), []) and len(a) == 32
+    assert a != item_digest(rows(["x", "y"], ["1", "3"]), []) != item_digest(rows(["x", "z"], ["1", "2"]), [])
+    assert item_digest(rows(["x"], ["1"], ["en"]), ["lang"]) != item_digest(rows(["x"], ["1"], ["de"]), ["lang"])
+    assert item_digest(rows(["x", "y"], ["1", None], reject=[None, "empty_text"]), []) is None
 
 
 def test_reindex_needs_an_id_column(tmp_path):

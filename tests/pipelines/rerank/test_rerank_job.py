@@ -102,6 +102,8 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
     assert totals["reject_reasons"]["duplicate_pair"] >= 1
     report = verify_output(out, opts)
     assert report.ok, report.problems
+    on_ray = verify_output(out, opts, engine="ray")  # the Ray Data check: the same counts (scores, ranks, queries)
+    assert (on_ray.problems, on_ray.counts) == (report.problems, report.counts) and report.counts["queries"] == 6
 
     ranked = read_committed(out, opts)
     by_query = check_ranks(ranked)

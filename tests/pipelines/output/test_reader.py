@@ -1,0 +1,147 @@
+"""The reader API: committed files, a pyarrow dataset and a Ray Dataset over exactly them, the same rows as the
+in-memory table, on local disk and S3; and the README's snippets (pandas, Polars, DuckDB, LanceDB) on a real output.
+
+One small embedding output (partitioned by `lang`, so files sit in Hive-style folders) is built per module on
+the session Ray and copied to the S3 server.
+"""
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.embed.config import EmbedJobConfig
+from pipelines.embed.job import run_embed
+from pipelines.output.reader import (
+    committed_files,
+    open_dataset,
+    read_committed,
+    read_dataset,
+)
+
+pytestmark = pytest.mark.integration
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def outputs(ray_local, s3_server, tiny_embedding_model, tmp_path_factory):
+    """{"local": (url, options), "s3": (url, options)}: one finished output, 2 shards × 20 rows (one rejected)."""
+    base = tmp_path_factory.mktemp("reader")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    for shard in range(2):
+        texts = [f"text {shard}-{i} " + "word " * (i % 5) for i in range(20)]
+        if shard == 1:
+            texts[3] = None
+        pq.write_table(pa.table({"doc_id": [f"s{shard}-{i}" for i in range(20)], "text": pa.array(texts, pa.string()),
+                                 "lang": ["en" if i % 3 else "de" for i in range(20)]}),
+                       corpus / f"part-{shard}.parquet", row_group_size=10)
+    out = base / "out"
+    run_embed(EmbedJobConfig.model_validate({
+        "input": {"paths": [f"{corpus}/*.parquet"], "id_column": "doc_id", "passthrough_columns": ["lang"],
+                  "rows_per_item": 10},
+        "model": {"path": str(tiny_embedding_model), "max_length": 32},
+        "output": {"path": str(out), "partition_by": "lang"},
+        "compute": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "batch_rows": 32},
+    }))
+    bucket = s3_server.make_bucket(f"reader-{uuid.uuid4().hex[:12]}")
+    s3_server.filesystem().put(str(out), f"{bucket}/out", recursive=True)
+    return {"local": (str(out), {}), "s3": (f"s3://{bucket}/out", s3_server.storage_options())}
+
+
+def rows(table: pa.Table) -> list[dict]:
+    return sorted(table.to_pylist(), key=lambda r: (r.get("id") or "", r.get("row") or 0))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_streaming_readers_return_exactly_the_committed_rows(outputs, where):
+    out, options = outputs[where]
+    for rejects in (False, True):
+        whole = read_committed(out, options, rejects=rejects)
+        assert whole.num_rows == (1 if rejects else 39)
+
+        files = committed_files(out, options, rejects=rejects)
+        assert len(files) == len(set(files)) >= 1
+        assert all(f.startswith("s3://" if where == "s3" else "/") for f in files)
+        if not rejects:
+            assert any("/data/lang=de/" in f for f in files) and any("/data/lang=en/" in f for f in files)
+
+        dataset = open_dataset(out, options, rejects=rejects)
+        assert sorted(dataset.files) == sorted(f.removeprefix("s3://") for f in files)
+        assert dataset.schema.names == whole.schema.names  # no partition column added from the paths
+        assert rows(dataset.to_table()) == rows(whole)
+
+    whole = read_committed(out, options)  # the same files as open_dataset's: one read through Ray suffices
+    ray_rows = pa.concat_tables(read_dataset(out, options).iter_batches(batch_format="pyarrow", batch_size=None))
+    assert ray_rows.schema.names == whole.schema.names
+    assert rows(ray_rows) == rows(whole)
+
+
+def test_the_readme_snippets(outputs, tmp_path):
+    """The README's "Reading the output" examples, as written there, on a local output."""
+    out, _ = outputs["local"]
+    whole = read_committed(out).sort_by("id")
+    query = np.asarray(whole.column("embedding")[0].values, dtype=np.float32)
+
+    # pandas
+    df = open_dataset(out).to_table(columns=["id", "embedding"]).to_pandas()
+    assert sorted(df["id"]) == whole.column("id").to_pylist() and len(df["embedding"][0]) == DIM
+
+    # Polars, lazily, through the pyarrow dataset or straight from the files
+    import polars as pl
+
+    lazy = pl.scan_pyarrow_dataset(open_dataset(out)).filter(pl.col("lang") == "de").select("id", "embedding")
+    de = lazy.collect()
+    assert sorted(de["id"]) == sorted(r["id"] for r in whole.to_pylist() if r["lang"] == "de")
+    assert de.schema["embedding"] == pl.Array(pl.Float32, DIM)
+    assert pl.scan_parquet(committed_files(out)).select(pl.len()).collect().item() == whole.num_rows
+
+    # DuckDB: the Parquet files give FLOAT[], cast to FLOAT[dim] for the array functions
+    import duckdb
+
+    files = committed_files(out)
+    kinds = duckdb.sql("SELECT typeof(embedding) FROM read_parquet($files) LIMIT 1", params={"files": files})
+    assert kinds.fetchall() == [("FLOAT[]",)]
+    nearest = duckdb.sql(
+        f"SELECT id, array_cosine_similarity(embedding::FLOAT[{DIM}], $q::FLOAT[{DIM}]) AS sim "
+        "FROM read_parquet($files) ORDER BY sim DESC LIMIT 3",
+        params={"q": query.tolist(), "files": files}).fetchall()
+    assert nearest[0][0] == whole.column("id")[0].as_py() and nearest[0][1] == pytest.approx(1.0, abs=1e-5)
+    dataset = open_dataset(out)  # noqa: F841 - DuckDB finds the Python variable by its name
+    assert duckdb.sql("SELECT typeof(embedding) FROM dataset LIMIT 1").fetchall() == [(f"FLOAT[{DIM}]",)]
+    counted = duckdb.sql("SELECT lang, count(*) AS n FROM dataset GROUP BY lang ORDER BY lang").fetchall()
+    assert counted == [(lang, sum(r["lang"] == lang for r in whole.to_pylist())) for lang in ("de", "en")]
+
+    # LanceDB: a table loaded from the stream of record batches, searched by vector
+    import lancedb
+
+    db = lancedb.connect(str(tmp_path / "lance"))
+    docs = db.create_table("docs", open_dataset(out).scanner(columns=["id", "embedding"]).to_reader())
+    hits = docs.search(query).distance_type("cosine").limit(3).to_list()
+    assert docs.count_rows() == whole.num_rows and hits[0]["id"] == whole.column("id")[0].as_py()
+
+
+def test_duckdb_reads_both_vector_dtypes_from_the_files_as_written(tmp_path):
+    """As README says: DuckDB reads float32 (byte-stream-split) and float16 vectors from embedrank's Parquet files
+    as FLOAT[], values intact; half floats it does not take from Arrow."""
+    import duckdb
+    import pyarrow.dataset
+
+    from pipelines.output.pieces import _parquet_bytes
+
+    values = np.random.default_rng(0).standard_normal((5, DIM)).astype(np.float32)
+    for dtype, arrow in (("float32", pa.float32()), ("float16", pa.float16())):
+        vectors = values.astype(dtype)
+        table = pa.table({"id": [f"d{i}" for i in range(5)],
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), arrow), DIM)})
+        path = tmp_path / f"{dtype}.parquet"
+        path.write_bytes(_parquet_bytes(table, "{}"))
+        got = duckdb.sql(f"SELECT typeof(embedding), embedding FROM read_parquet('{path}') ORDER BY id").fetchall()
+        assert {kind for kind, _ in got} == {"FLOAT[]"}
+        np.testing.assert_array_equal(np.array([v for _, v in got], dtype=np.float32), vectors.astype(np.float32))
+    dataset = pyarrow.dataset.dataset(str(tmp_path / "float16.parquet"))  # noqa: F841 - found by name
+    with pytest.raises(duckdb.NotImplementedException):
+        duckdb.sql("SELECT embedding FROM dataset").fetchall()
