@@ -3,6 +3,7 @@
 The bytes are compared with what one replica computes in this process for each work item (24 rows, one
 replica call each), so no second job is needed."""
 
+import json
 import os
 import signal
 import threading
@@ -96,6 +97,8 @@ def test_replicas_killed_three_times_change_nothing(ray_local, tmp_path, tiny_em
 
     report = verify_output(str(tmp_path / "chaos"))
     assert report.ok, report.problems
+    records = [json.loads(c.read_text()) for c in (tmp_path / "chaos" / "_commits").glob("*.json")]
+    assert len(records) == 30 and all(len(r["files"]) == 1 for r in records)  # killed mid-item: still one file each
     chaos = read_committed(str(tmp_path / "chaos")).sort_by("id")
     assert chaos.column("id").to_pylist() == sorted(ids)
     got = np.stack(chaos.column("embedding").to_numpy(zero_copy_only=False))
