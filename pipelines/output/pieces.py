@@ -77,7 +77,7 @@ def _parquet_bytes(table: pa.Table, fingerprint_json: str | None) -> bytes:
 def _vector_encoding(schema: pa.Schema) -> dict:
     """Vector columns (fixed-size lists of floats) are written without a dictionary or statistics (neither can
     help random floats: the dictionary is built, then dropped, per row group), and float32 values byte-stream-
-    split, which zstd then compresses: files ~16% smaller and written several times faster
+    split, which zstd then compresses: for 1024-d float32 unit vectors ~9% smaller files, read 2-4x faster
     (`python -m benchmarks.file_layout`). Every other column keeps Parquet's defaults."""
     vectors = [f for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
     if not vectors:
