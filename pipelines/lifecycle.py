@@ -22,7 +22,7 @@ from pipelines.fingerprint import fingerprint_id
 from pipelines.input.plan import Plan, WorkItem, make_plan, planning_key
 from pipelines.input.reading import read_item
 from pipelines.output.committer import Committer
-from pipelines.output.lock import OutputLock
+from pipelines.output.lock import OutputLock, held_epoch
 from pipelines.output.merge import MergeStats, merge_item
 from pipelines.output.pieces import write_file_reject
 from pipelines.output.records import ItemCommit, Piece, Totals
@@ -195,7 +195,8 @@ def target_file_mb(cfg: Any) -> float:
 def merge_on_cluster(storage: Storage, target_file_bytes: float,
                      num_cpus: float) -> Callable[[list[Piece]], list[Piece]]:
     """An item's merge as a cluster task, so the driver never holds an item's rows."""
-    return lambda pieces: run_task(merge_item, storage, pieces, target_file_bytes, num_cpus=num_cpus)
+    epoch = held_epoch(storage)
+    return lambda pieces: run_task(merge_item, storage, pieces, target_file_bytes, epoch, num_cpus=num_cpus)
 
 
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
@@ -234,7 +235,7 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
         record(commit)
     for commit in committer.commit_bad_files(
             lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, work.fingerprint,
-                                           work.reject_id_columns)):
+                                           work.reject_id_columns, root.epoch)):
         record(commit)
     if committer.pending:
         pending = [s.item for s in committer.pending.values()]

@@ -428,16 +428,28 @@ class Storage:
             aborted += len(pending)
         return aborted
 
-    def delete_tree(self, rel_dir: str) -> None:
-        """Remove a folder and whatever is left under it (an empty folder, or a store's folder marker)."""
-        try:
-            self.fs.rm(self.path(rel_dir), recursive=True)
-        except FileNotFoundError:
-            pass
+    def remove_empty_folders(self, rel_dir: str) -> None:
+        """Local disk: remove the folders under `rel_dir` (and it) that are empty, deepest first; a folder that holds
+        anything stays (`rmdir` refuses it), so this can never remove a file. Object stores have no folders."""
+        if not self.is_local:
+            return
+        top = self.path(rel_dir)
+        for folder, _, _ in sorted(os.walk(top, topdown=False), key=lambda w: -w[0].count(os.sep)):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
         self.fs.invalidate_cache()
 
-    def delete(self, rels: list[str]) -> None:
-        if rels:
+    def delete(self, rels: list[str], missing_ok: bool = False) -> None:
+        """Delete these files (`missing_ok`: one already gone is no error, as on S3)."""
+        if rels and missing_ok and self.is_local:
+            for rel in rels:
+                try:
+                    os.unlink(self.path(rel))
+                except FileNotFoundError:
+                    pass
+        elif rels:
             self.fs.rm([self.path(r) for r in rels])
         self.fs.invalidate_cache()
 

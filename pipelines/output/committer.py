@@ -52,7 +52,7 @@ class Committer:
             i.item_id: _ItemState(i, rows=None if i.row_end is None else i.row_end - i.row_start) for i in items
         }
         self.target_file_bytes = target_file_bytes
-        self._merge = merge or (lambda pieces: merge_item(root.storage, pieces, target_file_bytes))
+        self._merge = merge or (lambda pieces: merge_item(root.storage, pieces, target_file_bytes, root.epoch))
         self._merges: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.merged = MergeStats()

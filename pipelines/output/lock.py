@@ -1,20 +1,30 @@
-"""One writer per output, fenced: a lock object with an owner and a heartbeat, written with conditional writes.
+"""One writer per output, fenced: a lease with an owner, a heartbeat and an epoch, written with conditional writes.
 
-Acquire: the lock is created with `If-None-Match: *` (local disk: an exclusive hard link), so of two jobs
-that start together exactly one creates it. A job that finds a lock:
+Epochs: each acquisition of the lock gets a strictly increasing integer, written with the lock's own
+compare-and-swap, so two holders never share one. The lock object is never deleted: a release marks it free
+and keeps its epoch, so the next acquisition counts on from it. Every file a holder creates carries its epoch
+in its name (`epoch_tag`), and every record and control file it writes carries it inside: the store, not a
+check made beforehand, refuses what a holder that lost its lease writes late (`pipelines.output.control`).
 
-- whose owner is a process of this host that no longer exists takes it over at once;
-- whose heartbeat timestamp looks fresh (younger than `stale_after_s`, `run.lock_stale_s`) is refused at
-  once, naming the owner;
-- whose heartbeat timestamp looks stale watches the lock object for `stale_after_s` of its own clock
-  (monotonic, suspend included). The timestamp is only a hint (it comes from another host's clock); what
+Acquire: the lock is created with `If-None-Match: *` (local disk: an exclusive hard link), or a released one
+taken with `If-Match` on its ETag, so of two jobs that start together exactly one gets it. A job that finds
+a lock held:
+
+- by a process of this machine (same boot id and pid namespace) that is alive (pid and start time) is
+  refused at once: a live owner is never taken over, whatever either job's `run.lock_stale_s`;
+- by a process of this machine that is gone: takes it over at once;
+- elsewhere (another machine, container or pid namespace: liveness cannot be seen from here), whose
+  heartbeat timestamp looks fresh (younger than the longer of its own `stale_after_s` and the one the owner
+  recorded) is refused at once, naming the owner;
+- elsewhere, whose heartbeat timestamp looks stale, watches the lock object for that longer stale time of
+  its own clock (monotonic, suspend included). The timestamp is only a hint (it comes from another host's clock); what
   decides is the lock's ETag: a live owner rewrites the lock every fifth of `stale_after_s`, so a lock that
   did not change for that long belongs to a dead or cut-off driver. If it changed, the job is refused; if
   not, it takes the lock over with a compare-and-swap (`If-Match` on the ETag it watched), so of two waiting
   jobs only one wins. Skewed clocks can thus only make a job refuse a dead owner's lock until it looks
   stale, or watch a live one before refusing: never take over a live owner's lock.
 
-Heartbeat: every fifth of `stale_after_s`, a compare-and-swap on the lock as last read, after checking that
+Heartbeat: every `heartbeat_s` (a fifth of `stale_after_s`, recorded in the lock), a compare-and-swap on the lock as last read, after checking that
 it still carries this job's token. A failed swap or a foreign owner marks the lock LOST.
 
 Fencing: before each commit record, delete, index pointer write and `gc` step, the output root calls
@@ -23,9 +33,8 @@ Fencing: before each commit record, delete, index pointer write and `gc` step, t
 of `stale_after_s` (the driver may have been paused: a VM suspend, a long GC pause, a partition) and a
 heartbeat made now fails. A driver therefore writes only while its last successful heartbeat is younger than
 half of `stale_after_s`, which leaves the other half for the write itself before a waiting job, which waits
-the whole `stale_after_s` after the last change it saw, may take over. Commit records are created with
-`If-None-Match: *` and the index pointer is swapped with `If-Match`, so a write that was already past its
-check when the driver paused cannot overwrite another job's record.
+the whole `stale_after_s` after the last change it saw, may take over. That check is only an early exit: what
+a write already past it when the driver paused may do is bounded by the store (epochs, above).
 
 A store that ignores the conditional headers is refused at acquisition, after a probe
 (`Storage.conditional_write_problem`), unless `allow_unconditional` (`run.allow_unconditional_store`).
@@ -46,6 +55,8 @@ from common.errors import LockLost, OutputError
 from pipelines.storage import PreconditionFailed, Storage
 
 LOCK_FILE = "_lock.json"
+HEARTBEATS_PER_STALE = 5
+"""A holder renews its lock this many times per `stale_after_s`."""
 SAFE_FRACTION = 0.5
 """A driver writes only while its last successful heartbeat is younger than this fraction of the stale time."""
 
@@ -77,6 +88,25 @@ def fence(storage: Storage) -> None:
         lock.check()
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def machine_identity() -> dict[str, str | None]:
+    """What tells this machine and pid namespace apart from any other: the kernel's boot id (new at every boot,
+    shared by the containers of one kernel) and this process's pid namespace. A hostname is neither: containers
+    on host networking and cloned machines share one."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"boot_id": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
 def _process_start(pid: int) -> str | None:
     """The kernel's start time of `pid` (tells a live process from a reused pid), None if it is gone."""
     try:
@@ -86,12 +116,33 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def owner_gone(held: dict[str, Any]) -> bool:
-    """Whether the lock's owner is known to be dead: only decidable for a process on this host."""
-    if held.get("host") != socket.gethostname() or "pid" not in held:
-        return False
+def owner_liveness(held: dict[str, Any]) -> bool | None:
+    """True if the lock's owner is a live process of this machine and pid namespace, False if it is one that is
+    gone, None if that cannot be seen from here (another machine or namespace, or a lock written without them)."""
+    here = machine_identity()
+    if "pid" not in held or None in here.values() or any(held.get(k) != v for k, v in here.items()):
+        return None
     start = _process_start(int(held["pid"]))
-    return start is None or start != held.get("pid_start")
+    return start is not None and start == held.get("pid_start")
+
+
+def owner_gone(held: dict[str, Any]) -> bool:
+    """Whether the lock's owner is known to be dead (a process of this machine that is gone)."""
+    return owner_liveness(held) is False
+
+
+def is_released(held: dict[str, Any]) -> bool:
+    return bool(held.get("released"))
+
+
+def held_epoch(storage: Storage) -> int:
+    """The epoch of the lock this process holds on `storage`'s root or a folder above it; 0 if it holds none (a
+    test writing without a lock: its files are named as of epoch 0, older than any lease)."""
+    proto, root = _key(storage)
+    with _HELD_MUTEX:
+        epochs = [lock.epoch for (p, r), lock in _HELD.items()
+                  if p == proto and (root == r or root.startswith(r.rstrip("/") + "/"))]
+    return max(epochs, default=0)
 
 
 def _parse(data: bytes) -> dict[str, Any]:
@@ -113,6 +164,9 @@ class OutputLock:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.owner = f"{self.host} pid {self.pid}"
         self.started = time.time()
+        self.machine = machine_identity()
+        self.epoch = 0
+        """This acquisition's lease epoch (set by `acquire`): greater than every earlier holder's."""
         self._beats = 0
         self._etag: str | None = None
         self._last_ok = float("-inf")
@@ -125,12 +179,17 @@ class OutputLock:
     def _say(self, text: str) -> None:
         print(f"lock: {text}", file=self.stream, flush=True)
 
-    def _record(self) -> bytes:
+    @property
+    def heartbeat_s(self) -> float:
+        return max(self.stale_after_s / HEARTBEATS_PER_STALE, 0.05)
+
+    def _record(self, released: bool = False) -> bytes:
         self._beats += 1
         return json.dumps({
-            "token": self.token, "owner": self.owner, "host": self.host, "pid": self.pid,
+            "token": self.token, "owner": self.owner, "host": self.host, **self.machine, "pid": self.pid,
             "pid_start": _process_start(self.pid), "started": self.started, "heartbeat": time.time(),
-            "beat": self._beats,
+            "beat": self._beats, "epoch": self.epoch, "stale_after_s": self.stale_after_s,
+            "heartbeat_s": self.heartbeat_s, **({"released": True} if released else {}),
         }).encode()
 
     # -- acquire -------------------------------------------------------------------------------------------------
@@ -155,20 +214,25 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         self._check_store()
         for _ in range(20):
-            sent, data = _clock(), self._record()
-            try:
-                self._etag = self.storage.create(LOCK_FILE, data)
-                break
-            except PreconditionFailed:
-                pass
             found = self.storage.read_versioned(LOCK_FILE)
             if found is None:
-                continue  # released since: try to create it again
+                self.epoch = 1
+                sent, data = _clock(), self._record()
+                try:
+                    self._etag = self.storage.create(LOCK_FILE, data)
+                    break
+                except PreconditionFailed:
+                    found = self.storage.read_versioned(LOCK_FILE)
+                    if found is None:
+                        continue
             held = _parse(found[0])
-            if held.get("token") == self.token:  # our create landed and a retry of that same PUT failed
+            if held.get("token") == self.token:  # our write landed and a retry of that same PUT failed
                 self._etag = found[1]
                 break
-            taken = self._take_over(held, found[1])
+            if is_released(held):
+                taken = self._swap(held, found[1])
+            else:
+                taken = self._take_over(held, found[1])
             if taken is not None:
                 sent = taken
                 break
@@ -181,48 +245,63 @@ class OutputLock:
         self._thread.start()
         return self
 
-    def _refuse(self, held: dict[str, Any], detail: str) -> OutputError:
-        return OutputError(
-            f"{self.storage.url} is being written by another job ({held.get('owner')}, {detail}); refusing to run "
-            f"a second writer. If that job is gone, its lock goes stale after {self.stale_after_s:.0f}s "
-            "(run.lock_stale_s)"
-        )
+    def _refuse(self, held: dict[str, Any], detail: str, alive: bool = False) -> OutputError:
+        stale_s = max(self.stale_after_s, float(held.get("stale_after_s") or 0))
+        then = ("Stop that job first, or wait for it to finish" if alive else
+                f"If that job is gone, its lock goes stale after {stale_s:.0f}s (the longer of run.lock_stale_s and "
+                "the owner's)")
+        return OutputError(f"{self.storage.url} is being written by another job ({held.get('owner')}, {detail}); "
+                           f"refusing to run a second writer. {then}")
+
+    def _swap(self, held: dict[str, Any], etag: str) -> float | None:
+        """Take the lock as found (released, or judged dead or stale) with `If-Match` on `etag`, one epoch past its
+        own; None if it changed meanwhile (the caller reads it again)."""
+        self.epoch = int(held.get("epoch", 0)) + 1
+        sent, data = _clock(), self._record()
+        try:
+            self._etag = self.storage.replace(LOCK_FILE, data, etag)
+        except PreconditionFailed:
+            found = self.storage.read_versioned(LOCK_FILE)
+            if found is None or _parse(found[0]).get("token") != self.token:
+                return None  # another job was first, or it was released: look again
+            self._etag = found[1]
+        return sent
 
     def _take_over(self, held: dict[str, Any], etag: str) -> float | None:
-        """Take over a lock held by someone else, or raise; None if it disappeared meanwhile (create again)."""
+        """Take over a lock held by someone else, or raise; None if it changed meanwhile (look again)."""
         owner = held.get("owner")
-        if owner_gone(held):
+        alive = owner_liveness(held)
+        if alive:
+            raise self._refuse(held, "a live process of this machine; a live owner is never taken over", alive=True)
+        if alive is False:
             why = "its process is gone"
         else:
+            stale_s = max(self.stale_after_s, float(held.get("stale_after_s") or 0))
             age = time.time() - float(held.get("heartbeat", 0))
-            if age < self.stale_after_s:
+            if age < stale_s:
                 raise self._refuse(held, f"last heartbeat {age:.0f}s ago")
             self._say(f"{owner}'s last heartbeat is {age:.0f}s old by this host's clock; watching its lock for "
-                      f"{self.stale_after_s:.0f}s (run.lock_stale_s) before taking it over (a live owner renews "
-                      f"it every {self.stale_after_s / 5:.1f}s)")
-            deadline = _clock() + self.stale_after_s
-            poll = max(0.05, min(self.stale_after_s / 10, 5.0))
+                      f"{stale_s:.0f}s (the longer of run.lock_stale_s and the owner's) before taking it over (a "
+                      f"live owner renews it every {float(held.get('heartbeat_s') or stale_s / 5):.1f}s)")
+            deadline = _clock() + stale_s
+            poll = max(0.05, min(stale_s / 10, 5.0))
             while (now := _clock()) < deadline:
                 time.sleep(min(poll, deadline - now))
                 found = self.storage.read_versioned(LOCK_FILE)
                 if found is None:
                     return None
                 if found[1] != etag:
+                    if is_released(_parse(found[0])):
+                        return None
                     raise self._refuse(_parse(found[0]), "its lock changed while this job watched it")
-            why = f"last heartbeat {age:.0f}s ago; its lock did not change for {self.stale_after_s:.0f}s"
+            why = f"last heartbeat {age:.0f}s ago; its lock did not change for {stale_s:.0f}s"
         self._say(f"taking over a stale lock of {owner} ({why})")
-        sent, data = _clock(), self._record()
-        try:
-            self._etag = self.storage.replace(LOCK_FILE, data, etag)
-        except PreconditionFailed:
+        sent = self._swap(held, etag)
+        if sent is None:
             found = self.storage.read_versioned(LOCK_FILE)
-            if found is None:
-                return None
-            now_held = _parse(found[0])
-            if now_held.get("token") != self.token:
-                raise OutputError(f"{self.storage.url}: another job ({now_held.get('owner')}) took the lock at the "
-                                  "same moment; refusing") from None
-            self._etag = found[1]
+            if found is not None and not is_released(_parse(found[0])):
+                raise OutputError(f"{self.storage.url}: another job ({_parse(found[0]).get('owner')}) took the lock "
+                                  "at the same moment; refusing") from None
         return sent
 
     # -- heartbeat and fencing -----------------------------------------------------------------------------------
@@ -266,7 +345,7 @@ class OutputLock:
                 return False
 
     def _beat(self) -> None:
-        while not self._stop.wait(max(self.stale_after_s / 5, 0.05)):
+        while not self._stop.wait(self.heartbeat_s):
             self.renew()
             if self._lost is not None:
                 return
@@ -298,7 +377,8 @@ class OutputLock:
     # -- release -------------------------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock, only if it is still this job's (`If-Match`)."""
+        """Stop the heartbeat and mark the lock released, only if it is still this job's (`If-Match`). The object
+        stays: it carries the epoch the next holder counts on from."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -309,11 +389,15 @@ class OutputLock:
             if self._lost is not None or self._etag is None:
                 return
             try:
-                if self.storage.delete_if_match(LOCK_FILE, self._etag):
+                try:
+                    self.storage.replace(LOCK_FILE, self._record(released=True), self._etag)
                     return
+                except PreconditionFailed:
+                    pass
                 found = self.storage.read_versioned(LOCK_FILE)
-                if found is not None and _parse(found[0]).get("token") == self.token:
-                    self.storage.delete_if_match(LOCK_FILE, found[1])
+                if found is not None and _parse(found[0]).get("token") == self.token and not is_released(
+                        _parse(found[0])):
+                    self.storage.replace(LOCK_FILE, self._record(released=True), found[1])
             except Exception as exc:  # noqa: BLE001 - a lock left behind goes stale; the job's outcome stands
                 self._say(f"could not release the lock ({type(exc).__name__}: {exc}); it goes stale after "
                           f"{self.stale_after_s:.0f}s")

@@ -59,13 +59,13 @@ def _read_checked(storage: Storage, ref: FileRef) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
-def _merged_file(storage: Storage, refs: list[FileRef], stem: str) -> FileRef:
+def _merged_file(storage: Storage, refs: list[FileRef], stem: str, epoch: int) -> FileRef:
     tables = [_read_checked(storage, r) for r in refs]
     table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(tables[0].schema.metadata)
-    return put_piece(storage, posixpath.dirname(refs[0].path), stem, table, None)
+    return put_piece(storage, posixpath.dirname(refs[0].path), stem, table, None, epoch)
 
 
-def _merge_run(storage: Storage, run: list[Piece]) -> Piece:
+def _merge_run(storage: Storage, run: list[Piece], epoch: int) -> Piece:
     """One piece for `run` (consecutive pieces of one item): a file per partition folder, one for its rejects."""
     item, start, end = run[0].item, run[0].start, run[-1].end
     stem = f"{item}-{start}-{end - 1}"
@@ -73,11 +73,11 @@ def _merge_run(storage: Storage, run: list[Piece]) -> Piece:
     for piece in run:
         for ref in piece.data_files:
             folders.setdefault(posixpath.dirname(ref.path), []).append(ref)
-    files = tuple(_merged_file(storage, refs, stem) for _, refs in sorted(folders.items()))
+    files = tuple(_merged_file(storage, refs, stem, epoch) for _, refs in sorted(folders.items()))
     rejects = [p.reject_file for p in run if p.reject_file]
     reject_file = None
     if rejects:
-        reject_file = rejects[0] if len(rejects) == 1 else _merged_file(storage, rejects, stem)
+        reject_file = rejects[0] if len(rejects) == 1 else _merged_file(storage, rejects, stem, epoch)
     return Piece(item=item, start=start, end=end, item_rows=run[0].item_rows, data_files=files,
                  reject_file=reject_file, reject_reasons=sum_reasons(p.reject_reasons for p in run),
                  tokens=sum(p.tokens for p in run), padded_tokens=sum(p.padded_tokens for p in run),
@@ -85,9 +85,10 @@ def _merge_run(storage: Storage, run: list[Piece]) -> Piece:
                  carried_rows=sum(p.carried_rows for p in run))
 
 
-def merge_item(storage: Storage, pieces: list[Piece], target_bytes: float) -> list[Piece]:
-    """The pieces that tile an item (in row order), with each run that fits one file merged into one piece."""
-    merged = [run[0] if len(run) == 1 else _merge_run(storage, run) for run in pack(pieces, target_bytes)]
+def merge_item(storage: Storage, pieces: list[Piece], target_bytes: float, epoch: int = 0) -> list[Piece]:
+    """The pieces that tile an item (in row order), with each run that fits one file merged into one piece (named as
+    of the lease `epoch` of the driver that asked for the merge)."""
+    merged = [run[0] if len(run) == 1 else _merge_run(storage, run, epoch) for run in pack(pieces, target_bytes)]
     failpoints.hit("merge_write")
     return merged
 

@@ -1,9 +1,9 @@
 """Writing pieces: each contiguous run of one item's rows becomes one data file (and one rejects file), or
 several where it exceeds the target file size.
 
-File names carry the item, the row range and a content hash, so a re-executed
-task either rewrites identical bytes under the same name or writes a new name;
-a committed file is never overwritten with different content.
+File names carry the item, the row range, the writer's lease epoch and a content hash, so a re-executed
+task either rewrites identical bytes under the same name or writes a new name; a committed file is never
+overwritten with different content, and no two lock holders ever write the same path (`control.epoch_tag`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from common import failpoints
 from common.columns import CARRIED, CARRY_EMBEDDING, EMBEDDING, ITEM, ITEM_ROWS, N_TOKENS, REJECT, REPLICA_STARTUP, ROW
+from pipelines.output.control import epoch_tag
 from pipelines.output.records import FileRef, Piece
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
@@ -111,11 +112,13 @@ def use_carried_vectors(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index(EMBEDDING), EMBEDDING, fixed)
 
 
-def put_piece(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str | None) -> FileRef:
-    """Write one Parquet piece named by its content hash (`fingerprint_json`: see `_parquet_bytes`)."""
+def put_piece(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str | None,
+              epoch: int = 0) -> FileRef:
+    """Write one Parquet piece named by its writer's lease epoch and its content hash (`fingerprint_json`: see
+    `_parquet_bytes`)."""
     data = _parquet_bytes(table, fingerprint_json)
     digest = hashlib.sha256(data).hexdigest()
-    rel = f"{folder}/{stem}-{digest[:12]}.parquet"
+    rel = f"{folder}/{stem}-{epoch_tag(epoch)}-{digest[:12]}.parquet"
     storage.write_bytes(rel, data)
     return FileRef(path=rel, rows=table.num_rows, sha256=digest, bytes=len(data))
 
@@ -162,11 +165,11 @@ def reject_table(rows: pa.Table, id_columns: list[str], reason: pa.Array | pa.Ch
 
 
 def write_file_reject(storage: Storage, item_id: str, reason: str, fingerprint: dict,
-                      id_columns: tuple[str, ...]) -> Piece:
+                      id_columns: tuple[str, ...], epoch: int = 0) -> Piece:
     """The `_rejects/` marker of a file rejected whole: one row, no ids or row (unknown), its reason and item."""
     marker = pa.table({**{c: pa.nulls(1, pa.string()) for c in id_columns}, "row": pa.nulls(1, pa.int64()),
                        "reason": [reason], "item": [item_id]})
-    ref = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True))
+    ref = put_piece(storage, REJECTS_DIR, f"{item_id}-file", marker, json.dumps(fingerprint, sort_keys=True), epoch)
     return Piece(item=item_id, start=0, end=0, item_rows=0, reject_file=ref)
 
 
@@ -181,9 +184,10 @@ def _file_runs(table: pa.Table, items: np.ndarray, rows: np.ndarray, target_file
 @stage(needs=(ITEM, ROW, ITEM_ROWS, REJECT, N_TOKENS), adds=Piece.ARROW_SCHEMA.names, drops=EVERY_COLUMN)
 def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_columns: list[str],
                  data_dir: str = DATA_DIR, reject_id_columns: tuple[str, ...] = ("id",),
-                 partition_by: str | None = None, target_file_bytes: float | None = None) -> pa.Table:
-    """Write every run of the batch as pieces (a run larger than `target_file_bytes` as several); return one
-    record per piece for the driver's commit loop."""
+                 partition_by: str | None = None, target_file_bytes: float | None = None,
+                 epoch: int = 0) -> pa.Table:
+    """Write every run of the batch as pieces (a run larger than `target_file_bytes` as several), named as of the
+    lease `epoch` of the driver that built the graph; return one record per piece for the driver's commit loop."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     table = use_carried_vectors(table).sort_by([(ITEM, "ascending"), (ROW, "ascending")])
     items = np.asarray(table.column(ITEM).to_numpy(zero_copy_only=False))
@@ -203,12 +207,13 @@ def write_pieces(table: pa.Table, storage: Storage, fingerprint: dict, output_co
             folders = [f for f, r in zip(folders, rejected.to_pylist()) if not r]
         failpoints.hit("before_piece_write")
         files = [put_piece(storage, posixpath.join(data_dir, folder) if folder else data_dir, stem,
-                           part.select(output_columns), fingerprint_json)
+                           part.select(output_columns), fingerprint_json, epoch)
                  for folder, part in (_by_partition(good, folders) if good.num_rows else [])]
         reject_file, reasons = None, {}
         if bad.num_rows:
             reject_file = put_piece(storage, REJECTS_DIR, stem,
-                                    reject_table(bad, list(reject_id_columns), bad.column("_reject")), fingerprint_json)
+                                    reject_table(bad, list(reject_id_columns), bad.column("_reject")), fingerprint_json,
+                                    epoch)
             reasons = {r["values"]: r["counts"] for r in pa.compute.value_counts(bad.column("_reject")).to_pylist()}
         pieces.append(Piece(item=item, start=first, end=last + 1, item_rows=int(run.column("_item_rows")[0].as_py()),
                             data_files=tuple(files), reject_file=reject_file, reject_reasons=reasons,

@@ -3,8 +3,9 @@
 `_job.json` used to hold every work item inline and was rewritten whole on every run and read whole by every
 reader; at 20,000 items that is megabytes of JSON parsed for a status line. Now its `plan` key is a header
 (item count, known rows, digest, shard names, the planning settings' key) and the items live in
-`_plan/<digest>/items-NNNNN.parquet`, `SHARD_ITEMS` items a shard, one row per item. The digest hashes every
-item, so a shard's name fixes its contents: a shard is written only when absent, and a resume with the same plan
+`_plan/<digest>/items-NNNNN-e<epoch>.parquet`, `SHARD_ITEMS` items a shard, one row per item. The digest hashes
+every item, so a shard's folder fixes its contents; the writer's lease epoch in the name means no two lock
+holders write one path, and nothing ever deletes a shard. A shard is written only when absent, and a resume with the same plan
 writes nothing but the header. Readers go shard by shard (`iter_shards`), so a reader that wants ids or counts
 never holds every item; outputs written before shards (items inline under `items`) still read.
 
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.input.plan import PreviousPlan, WorkItem
+from pipelines.output.control import epoch_tag
 from pipelines.output.lock import fence
 from pipelines.storage import Storage
 
@@ -69,19 +72,32 @@ def _shard_bytes(items: list[WorkItem]) -> bytes:
     return buf.getvalue()
 
 
-def write_plan(storage: Storage, items: list[WorkItem], planned_with: str | None) -> dict[str, Any]:
-    """Store `items` as shards (those not there yet, fenced by the lock) and return the header that names them.
+def _shard_number(name: str) -> int | None:
+    """k of `items-k.parquet` (written before epochs) or `items-k-e<epoch>.parquet`."""
+    found = re.fullmatch(r"items-(\d{5})(?:-e\d+)?\.parquet", name)
+    return int(found.group(1)) if found else None
+
+
+def write_plan(storage: Storage, items: list[WorkItem], planned_with: str | None, epoch: int = 0) -> dict[str, Any]:
+    """Store `items` as shards (those not there yet under any lease's name, fenced by the lock; new ones carry this
+    writer's lease `epoch`) and return the header that names them.
 
     `planned_with` is `plan.planning_key` of the settings that cut the items (None: unknown; never reused)."""
     digest = plan_digest(items)
     folder = f"{PLAN_DIR}/{digest}"
-    names = [f"items-{k:05d}.parquet" for k in range(-(-len(items) // SHARD_ITEMS))]
-    present = {p.rsplit("/", 1)[-1] for p in storage.list_files(folder)}
-    for k, name in enumerate(names):
-        if name not in present:
+    present: dict[int, str] = {}
+    for path in storage.list_files(folder):
+        name = path.rsplit("/", 1)[-1]
+        if _shard_number(name) is not None:
+            present.setdefault(_shard_number(name), name)
+    names = []
+    for k in range(-(-len(items) // SHARD_ITEMS)):
+        name = present.get(k) or f"items-{k:05d}-{epoch_tag(epoch)}.parquet"
+        if k not in present:
             data = _shard_bytes(items[k * SHARD_ITEMS:(k + 1) * SHARD_ITEMS])
             fence(storage)
             storage.write_bytes(f"{folder}/{name}", data)
+        names.append(name)
     return {"format": PLAN_FORMAT, "digest": digest, "items": len(items), "shards": names,
             "known_rows": sum(i.row_end - i.row_start for i in items if i.row_end is not None),
             "planned_with": planned_with}

@@ -52,7 +52,7 @@ def _committed_paths(root: OutputRoot, job: dict[str, Any], commits: dict[str, I
     ordered = list(commits.values())
     if not is_rerank(job):
         return [f.path for c in ordered for f in (c.rejects if rejects else c.files)]
-    ranks = list(root.read_rank_commits().values())
+    ranks = list(root.ranks_of(commits).values())
     if rejects:
         return [f.path for c in [*ordered, *ranks] for f in c.rejects]
     return [f.path for c in ranks for f in c.files]

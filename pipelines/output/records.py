@@ -159,7 +159,9 @@ class BadFile:
 class ItemCommit:
     """`_commits/<item>.json`: the commit point of one work item, naming exactly the files that tile it.
 
-    `carried_from` is set when the record was copied by reference from an older index version."""
+    `carried_from` is set when the record was copied by reference from an older index version; `epoch` is the
+    lease epoch of the writer that created it (0: written before epochs), which decides whether a newer writer
+    may replace it (`OutputRoot.write_commit`)."""
 
     item: str
     fingerprint_id: str
@@ -178,6 +180,7 @@ class ItemCommit:
     committed_at: str = ""
     bad_file: BadFile | None = None
     carried_from: str | None = None
+    epoch: int = 0
 
     @classmethod
     def of_pieces(cls, *, item: str, fingerprint_id: str, source: str, row_start: int, row_end: int,
@@ -213,6 +216,8 @@ class ItemCommit:
             data["bad_file"] = dataclasses.asdict(self.bad_file)
         if self.carried_from:
             data["carried_from"] = self.carried_from
+        if self.epoch:
+            data["epoch"] = self.epoch
         return data
 
     @classmethod
@@ -226,7 +231,7 @@ class ItemCommit:
                    padded_tokens=data.get("padded_tokens", 0), carried=data.get("carried", 0),
                    length_hist=tuple(data.get("length_hist", ())), committed_at=data.get("committed_at", ""),
                    bad_file=BadFile(bad["reason"], bad.get("detail")) if bad else None,
-                   carried_from=data.get("carried_from"))
+                   carried_from=data.get("carried_from"), epoch=int(data.get("epoch", 0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +250,9 @@ class RankCommit:
     queries: int = 0
     scored: int = 0
     buckets: int | None = None
+    epoch: int = 0
+    scores: str | None = None
+    """Digest of the score commits this bucket was ranked from (`scores_digest`); None in records written before it."""
 
     ARROW_SCHEMA = pa.schema([("bucket", pa.int64()), ("data_file", pa.string()), ("reject_file", pa.string()),
                               ("queries", pa.int64()), ("scored", pa.int64())])
@@ -266,13 +274,14 @@ class RankCommit:
                 "queries": queries, "scored": scored}
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], fingerprint_id: str, buckets: int | None = None) -> "RankCommit":
+    def from_row(cls, row: dict[str, Any], fingerprint_id: str, buckets: int | None = None,
+                 scores: str | None = None) -> "RankCommit":
         data = FileRef.from_json(json.loads(row["data_file"])) if row["data_file"] else None
         rejects = FileRef.from_json(json.loads(row["reject_file"])) if row["reject_file"] else None
         return cls(bucket=row["bucket"], fingerprint_id=fingerprint_id, files=(data,) if data else (),
                    rejects=(rejects,) if rejects else (), rows=data.rows if data else 0,
                    rejected=rejects.rows if rejects else 0, queries=row["queries"], scored=row["scored"],
-                   buckets=buckets)
+                   buckets=buckets, scores=scores)
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT_VERSION, "bucket": self.bucket, "fingerprint_id": self.fingerprint_id,
@@ -280,6 +289,10 @@ class RankCommit:
                 "rows": self.rows, "rejected": self.rejected, "queries": self.queries, "scored": self.scored}
         if self.buckets is not None:
             data["buckets"] = self.buckets
+        if self.epoch:
+            data["epoch"] = self.epoch
+        if self.scores:
+            data["scores"] = self.scores
         return data
 
     @classmethod
@@ -287,7 +300,18 @@ class RankCommit:
         _check_format(data, "rank commit")
         return cls(bucket=data["bucket"], fingerprint_id=data["fingerprint_id"], files=_refs(data.get("files", [])),
                    rejects=_refs(data.get("rejects", [])), rows=data["rows"], rejected=data["rejected"],
-                   queries=data["queries"], scored=data["scored"], buckets=data.get("buckets"))
+                   queries=data["queries"], scored=data["scored"], buckets=data.get("buckets"),
+                   epoch=int(data.get("epoch", 0)), scores=data.get("scores"))
+
+
+def scores_digest(commits: Iterable[ItemCommit]) -> str:
+    """What a rank record was ranked from: every score commit's item, epoch and files (by checksum)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in sorted(commits, key=lambda c: c.item):
+        h.update(json.dumps([c.item, c.epoch, [f.sha256 for f in c.files]]).encode() + b"\n")
+    return h.hexdigest()[:24]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,14 +6,17 @@ is the commit point of one work item and names exactly the files that tile it;
 job; `_job.json` records fingerprint, config and a plan header whose items lie
 in `_plan/<digest>/` shards (`plan_store`); `_commits_snapshot.parquet` caches
 the records so that a resume need not GET each (`commit_snapshot`); `_SUCCESS`
-closes a finished run; `_lock.json` names the one writer. Files no commit names are orphans of
-crashed attempts and are deleted: the records themselves are read when deleting
-(each piece's own item record by name, not only a listing), and pieces that no
-record commits yet are given `ORPHAN_GRACE_S` before they go.
+closes a finished run (valid only while its epoch is `_job.json`'s); `_lock.json` names the one writer
+and its lease epoch. Files no commit names are orphans of crashed attempts and are deleted: the records
+themselves are read when deleting (each piece's own item record by name, not only a listing). What the
+store enforces for each write and delete here is listed in `pipelines.output.control`: files carry their
+writer's epoch in their names, records and control files carry it inside, and a late writer's act is
+refused by the store or harmless.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import re
@@ -28,9 +31,10 @@ from common.errors import LockLost, OutputError
 from pipelines.fingerprint import describe_difference
 from pipelines.input.plan import PreviousPlan, WorkItem
 from pipelines.output import commit_snapshot, plan_store
-from pipelines.output.lock import fence
+from pipelines.output.control import delete_control, file_epoch, read_control, record_epoch, write_control
+from pipelines.output.lock import fence, held_epoch
 from pipelines.output.pieces import PIECE_DIRS
-from pipelines.output.records import ItemCommit, RankCommit, Totals, now
+from pipelines.output.records import ItemCommit, RankCommit, Totals, now, scores_digest
 from pipelines.storage import PreconditionFailed, Storage
 
 COMMITS_DIR = "_commits"
@@ -51,9 +55,10 @@ SNAPSHOT_MIN_IDS = 64
 """`read_commits` of this many ids or more lists `_commits/` and reads the commit snapshot first."""
 
 ORPHAN_GRACE_S = 600.0
-"""How long a piece that no commit record names, of an item or rank bucket that has no record yet, is kept: a
-writer may be about to commit it (a piece is written before its record). Once the item's record exists, it names
-the item's files for good (records are created once), and its other pieces go at once."""
+"""How long a piece that no commit record names, of an item or rank bucket that has no record yet, is kept by a
+sweep that does not know the plan: a writer may be about to commit it (a piece is written before its record).
+A sweep that knows the plan keeps such pieces of planned items whatever their age (they are settled when the item
+commits); once the item's record exists, its other pieces go at once."""
 
 _ITEM_PIECE = re.compile(r"([0-9a-f]{20})-.+\.parquet")
 _RANK_PIECE = re.compile(r"rank-(\d+)-.+\.parquet")
@@ -95,6 +100,38 @@ class OutputRoot:
         """Every record this writer read at `prepare` or committed since: what the next snapshot holds."""
         self._unsnapshotted = 0
         self._snapshot_lock = threading.Lock()
+
+    @property
+    def epoch(self) -> int:
+        """The lease epoch this process holds on the output (0 without a lock)."""
+        return held_epoch(self.storage)
+
+    def _listed_pieces(self, folders: Iterable[str] = PIECE_DIRS) -> dict[str, float | None]:
+        return {p: t for d in folders for p, t in self.storage.list_files_modified(d).items()}
+
+    def missing_files(self, records: Iterable[ItemCommit | RankCommit],
+                      listed: Collection[str] | None = None) -> dict[str, list[str]]:
+        """Per record (item id or rank bucket name), the files it names that the store does not hold: a record
+        written late by a writer that lost its lease, naming pieces that were swept meanwhile, or files removed by
+        hand. One listing per folder (this root's piece folders: `listed` if the caller has it; an older index
+        version's for paths that climb out of this root), not a request per file."""
+        records = list(records)
+        present: set[str] = set(listed) if listed is not None else set()
+        folders: set[str] = set()
+        for record in records:
+            for path in record.named_paths:
+                parts = posixpath.normpath(path).split("/")
+                cut = next((k for k, part in enumerate(parts) if part in PIECE_DIRS), len(parts) - 2)
+                folders.add("/".join(parts[:cut + 1]))
+        for folder in sorted(folders):
+            if listed is None or folder.startswith(".."):
+                present |= {posixpath.normpath(p) for p in self.storage.list_files(folder)}
+        missing = {}
+        for record in records:
+            gone = [p for p in record.named_paths if posixpath.normpath(p) not in present]
+            if gone:
+                missing[record.item if isinstance(record, ItemCommit) else record.name] = gone
+        return missing
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
         try:
@@ -204,7 +241,11 @@ class OutputRoot:
         """Check the fingerprint, record the job (its plan as shards, written only when absent:
         `plan_store.write_plan`, `plan_key` the settings that cut it), drop orphans; returns the existing
         commits."""
-        job = self.read_job_header()
+        found_job = read_control(self.storage, JOB_FILE)
+        job, job_etag = found_job if found_job is not None else (None, None)
+        if record_epoch(job) > self.epoch:
+            raise LockLost(f"{self.storage.url}: {JOB_FILE} was written by a newer lease (epoch {record_epoch(job)}) "
+                           f"than this job's ({self.epoch}); this job stops")
         if job is not None and job.get("fingerprint_id") != fp_id:
             raise OutputError(
                 f"{self.storage.url} holds output of a different job; refusing to mix vectors "
@@ -213,6 +254,10 @@ class OutputRoot:
             )
         listed = commit_snapshot.listed_versions(self.storage, COMMITS_DIR)
         commits, fetched = self.read_listed_commits(listed=listed)
+        pieces = self._listed_pieces()
+        broken = self.missing_files(commits.values(), pieces)
+        for item_id in broken:  # committed again in this run: its record is replaced (`write_commit`)
+            del commits[item_id]
         planned = {i.item_id for i in items}
         foreign = [c for c in commits.values() if c.fingerprint_id != fp_id]
         if foreign:
@@ -220,19 +265,21 @@ class OutputRoot:
         stale = sorted(set(commits) - planned)
         if stale:
             raise OutputError(self._stale_message([commits[i] for i in stale], items))
-        plan = plan_store.write_plan(self.storage, items, plan_key)
+        plan = plan_store.write_plan(self.storage, items, plan_key, self.epoch)
+        success = self.storage.read_versioned(SUCCESS_FILE)
         fence(self.storage)
-        self.storage.write_bytes(JOB_FILE, _dumps({
+        failpoints.hit("before_job_write")
+        write_control(self.storage, JOB_FILE, {
             "fingerprint": fingerprint, "fingerprint_id": fp_id, "config": recorded_config,
             "plan": plan, "updated_at": now(),
-        }))
-        if self.storage.exists(SUCCESS_FILE):
-            self.storage.delete([SUCCESS_FILE])
+        }, self.epoch, expect=job_etag)
+        if success is not None:  # only the version read: a newer run's _SUCCESS is another version
+            delete_control(self.storage, SUCCESS_FILE, success[1])
         if fetched:  # the next resume reads these from the snapshot
             commit_snapshot.write_snapshot(self.storage, COMMITS_DIR, commits, listed)
         with self._snapshot_lock:
             self._known, self._unsnapshotted = dict(commits), 0
-        self.remove_orphans(commits, planned)
+        self.remove_orphans(commits, planned, pieces)
         return commits
 
     def write_commit_snapshot(self, commits: dict[str, ItemCommit]) -> int:
@@ -271,19 +318,59 @@ class OutputRoot:
             found = pool.map(lambda n: self.read_json(f"{RANK_COMMITS_DIR}/{n}.json"), names)
         return {n: RankCommit.from_json(c) for n, c in sorted(zip(names, found)) if c is not None}
 
-    def drop_rank_commits(self) -> int:
-        """Ranks depend on every score: new scores invalidate them (their files become orphans)."""
-        stale = self.storage.list_files(RANK_COMMITS_DIR)
-        fence(self.storage)
-        self.storage.delete(stale)
-        return len(stale)
+    def ranks_of(self, commits: dict[str, ItemCommit]) -> dict[str, RankCommit]:
+        """The rank records ranked from exactly these score commits (records written before digests count too): a
+        bucket ranked from other scores (a late writer's, or before new scores landed) is not part of the output."""
+        digest = scores_digest(commits.values())
+        return {n: r for n, r in self.read_rank_commits().items() if r.scores in (digest, None)}
 
-    def write_rank_commit(self, record: RankCommit) -> None:
+    def drop_rank_commits(self) -> int:
+        """Ranks depend on every score: new scores invalidate them (their files become orphans). Each record is
+        deleted only as this writer read it (a newer writer's record of the same name is another version)."""
+        found = [(rel, self.storage.read_versioned(rel)) for rel in self.storage.list_files(RANK_COMMITS_DIR)]
         fence(self.storage)
-        self.storage.write_bytes(f"{RANK_COMMITS_DIR}/{record.name}.json", _dumps(record.to_json()))
+        return sum(delete_control(self.storage, rel, got[1]) for rel, got in found if got is not None)
+
+    def write_rank_commit(self, record: RankCommit) -> RankCommit:
+        """Create a bucket's rank record once (`If-None-Match: *`), stamped with this writer's epoch; one of an older
+        epoch (a late writer's, or one ranked from other scores) is replaced with `If-Match` on what was read."""
+        record = dataclasses.replace(record, epoch=self.epoch)
+        rel = f"{RANK_COMMITS_DIR}/{record.name}.json"
+        fence(self.storage)
+        self._create_record(rel, _dumps(record.to_json()), record.epoch,
+                            lambda held: RankCommit.from_json(held).scores != record.scores)
+        return record
+
+    def _create_record(self, rel: str, data: bytes, epoch: int, replaceable) -> dict[str, Any] | None:
+        """Create a record once; if one is there: None if it is ours, raise `LockLost` if a newer lease wrote it,
+        replace it (`If-Match`) if it is older and `replaceable(record)` says so, else return it (to adopt)."""
+        for _ in range(10):
+            try:
+                self.storage.create(rel, data)
+                return None
+            except PreconditionFailed:
+                pass
+            found = self.storage.read_versioned(rel)
+            if found is None:
+                continue
+            if found[0] == data:  # our create landed and a retry of it failed
+                return None
+            held = json.loads(found[0])
+            if record_epoch(held) > epoch:
+                raise LockLost(f"{self.storage.url}: {rel} was written by a newer lease (epoch {record_epoch(held)}, "
+                               f"this job's is {epoch}); this job stops")
+            if record_epoch(held) == epoch or not replaceable(held):
+                return held
+            try:
+                self.storage.replace(rel, data, found[1])
+                return None
+            except PreconditionFailed:
+                continue
+        raise LockLost(f"{self.storage.url}: {rel} kept changing under this writer; another writer is active")
 
     def orphans(self, commits: Iterable[ItemCommit], grace_s: float = 0.0,
-                planned: Collection[str] | None = None) -> list[str]:
+                planned: Collection[str] | None = None,
+                listed: dict[str, float | None] | None = None) -> list[str]:
         """Piece files that no commit record names: neither one of `commits` (records as the store holds them: read
         from it, or returned by `write_commit`) nor any record in the store now.
 
@@ -291,10 +378,12 @@ class OutputRoot:
         and, for each piece left, the record of its own item (`_commits/<item>.json`, from the piece's name) or
         rank bucket, read directly, so a listing that misses a record cannot doom its files. A piece whose item
         (or bucket) has a record that does not name it is an orphan whatever its age; one whose item has no record
-        yet is an orphan only once older than `grace_s` (0: at once, as `embedrank verify` counts them), unless
-        its item is not one of the `planned` items: then nothing will ever commit it."""
+        yet is kept while its item is one of the `planned` items (it is settled when the item commits), else is an
+        orphan once older than `grace_s` (0: at once, as `embedrank verify` counts them). A file whose name carries
+        a newer lease's epoch than this writer's is never an orphan to it. `listed`: the piece folders' listing
+        with modification times, if the caller has it."""
         commits = list(commits)
-        modified = {p: t for d in PIECE_DIRS for p, t in self.storage.list_files_modified(d).items()}
+        modified = self._listed_pieces() if listed is None else listed
         named = {p for c in [*commits, *self._adopted.values()] for p in c.named_paths}
         left = [p for p in modified if p not in named]
         if not left:
@@ -308,48 +397,64 @@ class OutputRoot:
         named |= {p for c in [*stored.values(), *ranks.values()] for p in c.named_paths}
         recorded = {(COMMITS_DIR, i) for i in [*in_memory, *stored]} | {(RANK_COMMITS_DIR, n) for n in ranks}
         now = _now()
+        mine = self.epoch
 
         def dead(path: str) -> bool:
-            if path in named:
+            if path in named or (mine and file_epoch(path) > mine):  # a newer lease's file: never ours to delete
                 return False
-            if owners[path] in recorded:  # its record exists and never names it: nobody can commit it any more
-                return True
+            if owners[path] in recorded:  # its record exists and never names it: only a newer lease may replace
+                return True  # that record, naming its own files, so nobody can commit this one any more
             owner = owners[path]
             if planned is not None and (owner is None or (owner[0] == COMMITS_DIR and owner[1] not in planned)):
                 return True  # a piece of no planned item (or a name no writer makes): nobody will ever commit it
+            if planned is not None and owner[0] == COMMITS_DIR:
+                return False  # a planned item's piece: a late record may still name it; settled when it commits
             mtime = modified[path]
             return grace_s <= 0 or mtime is None or now - mtime >= grace_s
 
         return [p for p in left if dead(p)]
 
-    def remove_orphans(self, commits: dict[str, ItemCommit], planned: Collection[str] | None = None) -> list[str]:
+    def remove_orphans(self, commits: dict[str, ItemCommit], planned: Collection[str] | None = None,
+                       listed: dict[str, float | None] | None = None) -> list[str]:
         """Delete piece files that no commit record names (`orphans`, with `orphan_grace_s`), and abort unfinished
         uploads.
 
         Only the lock holder calls this, before its graph starts or after it ends: no upload of its own is live."""
-        orphans = self.orphans(commits.values(), self.orphan_grace_s, planned)
+        orphans = self.orphans(commits.values(), self.orphan_grace_s, planned, listed)
         for start in range(0, len(orphans), 1000):  # fenced per batch: a lost lock stops the deletes
             fence(self.storage)
-            self.storage.delete(orphans[start:start + 1000])
+            failpoints.hit("before_orphan_delete")
+            self.storage.delete(orphans[start:start + 1000], missing_ok=True)
         fence(self.storage)
         self.storage.abort_pending_uploads()
         return orphans
 
     def write_commit(self, record: ItemCommit) -> ItemCommit:
         """The commit point of an item: one atomic create-if-absent (`If-None-Match: *` on S3, an exclusive link
-        of a complete temp file locally), fenced by the lock. Returns the record that is committed: if one for
-        the same item and fingerprint exists already (another writer, or a retried PUT, was first), that one."""
+        of a complete temp file locally), stamped with this writer's lease epoch. Returns the record that is
+        committed: if one for the same item and fingerprint exists already (a retried PUT, or a writer of an older
+        epoch that was first), that one, as long as every file it names exists; one of an older epoch that names
+        missing files is replaced (`If-Match` on the version read), never adopted; one of a newer epoch means this
+        writer lost its lease (`LockLost`)."""
         failpoints.hit("before_commit_write")
-        fence(self.storage)
+        record = dataclasses.replace(record, epoch=self.epoch)
         rel = f"{COMMITS_DIR}/{record.item}.json"
-        try:
-            self.storage.create(rel, _dumps(record.to_json()))
-        except PreconditionFailed:
-            found = self.read_json(rel)
-            existing = ItemCommit.from_json(found) if found is not None else None
-            if existing is None or (existing.item, existing.fingerprint_id) != (record.item, record.fingerprint_id):
+        fence(self.storage)
+        failpoints.hit("before_commit_create")
+
+        def broken(held: dict[str, Any]) -> bool:
+            existing = ItemCommit.from_json(held)
+            if (existing.item, existing.fingerprint_id) != (record.item, record.fingerprint_id):
                 raise OutputError(f"{self.storage.url}: {rel} was written by another writer with other contents; "
-                                  "refusing to overwrite a commit record") from None
+                                  "refusing to overwrite a commit record")
+            return bool(self.missing_files([existing]))
+
+        held = self._create_record(rel, _dumps(record.to_json()), record.epoch, broken)
+        if held is not None:
+            existing = ItemCommit.from_json(held)
+            if (existing.item, existing.fingerprint_id) != (record.item, record.fingerprint_id):
+                raise OutputError(f"{self.storage.url}: {rel} was written by another writer with other contents; "
+                                  "refusing to overwrite a commit record")
             self._adopted[record.item] = existing
             record = existing
         failpoints.hit("after_commit_write")
@@ -372,5 +477,14 @@ class OutputRoot:
             pass
 
     def write_success(self, totals: Totals) -> None:
+        """Close the run: `_SUCCESS` of this writer's epoch (a newer lease's one is never overwritten)."""
         fence(self.storage)
-        self.storage.write_bytes(SUCCESS_FILE, _dumps({**totals.to_json(), "finished_at": now()}))
+        write_control(self.storage, SUCCESS_FILE, {**totals.to_json(), "finished_at": now()}, self.epoch)
+
+    def read_success(self) -> dict[str, Any] | None:
+        """`_SUCCESS` if it closes the run `_job.json` records (same epoch), else None: a `_SUCCESS` written late
+        by a writer that lost its lease, over a newer run's plan, does not say that run finished."""
+        success = self.read_json(SUCCESS_FILE)
+        if success is None:
+            return None
+        return success if record_epoch(success) == record_epoch(self.read_job_header()) else None

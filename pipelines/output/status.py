@@ -14,9 +14,9 @@ from typing import Any
 
 from common.errors import OutputError
 from pipelines.output import plan_store
-from pipelines.output.lock import LOCK_FILE, owner_gone
+from pipelines.output.lock import LOCK_FILE, is_released, owner_gone
 from pipelines.output.records import ItemCommit, sum_reasons
-from pipelines.output.root import JOB_FILE, SUCCESS_FILE, OutputRoot
+from pipelines.output.root import JOB_FILE, OutputRoot
 from pipelines.progress import format_duration
 from pipelines.storage import Storage
 
@@ -26,9 +26,9 @@ def _when(iso: str) -> float:
 
 
 def _state(root: OutputRoot, job: dict[str, Any], lock: dict[str, Any] | None) -> tuple[str, float | None]:
-    if root.storage.exists(SUCCESS_FILE):
+    if root.read_success() is not None:
         return "finished", None
-    if lock is None:
+    if lock is None or is_released(lock):
         return "stopped (unfinished: rerun the job to resume)", None
     age = time.time() - float(lock.get("heartbeat", 0))
     if owner_gone(lock):

@@ -26,7 +26,7 @@ from common.errors import EmbedrankError
 from pipelines.output.pieces import PIECE_DIRS
 from pipelines.output.reader import is_rerank, open_committed
 from pipelines.output.records import ItemCommit, RankCommit
-from pipelines.output.root import SUCCESS_FILE, OutputRoot
+from pipelines.output.root import OutputRoot
 from pipelines.output.verify_files import (
     FILE_ROW,
     KEY_BUCKET,
@@ -230,7 +230,7 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None, *,
     root, job, commits = open_committed(output, storage_options)
     rerank = is_rerank(job)
     top_k = job["fingerprint"].get("top_k")
-    ranks = list(root.read_rank_commits().values()) if rerank else []
+    ranks = list(root.ranks_of(commits).values()) if rerank else []
     files = named_files(job, commits, ranks, rerank)
     rows = sum(n.ref.rows for n in files)
     if engine == "auto":
@@ -253,7 +253,7 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None, *,
     orphans = root.orphans(commits.values())
     counts["orphans"] = len(orphans)
     counts["pending_uploads"] = len(root.storage.pending_uploads())
-    if root.storage.exists(SUCCESS_FILE):
+    if root.read_success() is not None:
         if orphans:
             report.problems.append(f"{len(orphans)} piece file(s) that no commit names")
         if counts["pending_uploads"]:

@@ -12,8 +12,14 @@ A version's commit records may name files of older versions (`../v000001/data/â€
 input bytes and job fingerprint are unchanged, or whose content digest equals a committed item's (a
 re-exported or renamed file), keeps those committed files by reference, so an unchanged shard costs one
 small JSON write. `gc` therefore deletes only files that no kept version names.
-Versions are numbered densely: a new attempt is always `current + 1`, and an unpublished attempt that
-no longer matches the snapshot is discarded before it is reused.
+Version numbers are never reused: a new attempt is numbered after every version folder there is, and an
+unpublished attempt that no longer matches the snapshot is discarded by a tombstone (its `_reindex.json`
+rewritten as discarded, with the store's compare-and-swap) before its files are deleted. So no writer ever
+writes into a folder another writer may be deleting, and a late delete of a discarded attempt is harmless.
+
+Fencing (`pipelines.output.control`): a writer first claims the pointer (rewrites it with its lease epoch,
+`If-Match`), so a publish by a writer that lost its lease fails its `If-Match`; a version is published only
+with a `_SUCCESS` of the publishing writer's epoch; attempt states are written only over older epochs.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from typing import Any, TextIO
 
 from common import failpoints
 from common.errors import OutputError
-from pipelines.output.lock import fence
-from pipelines.output.root import SUCCESS_FILE, OutputRoot
+from pipelines.output.control import read_control, record_epoch, write_control
+from pipelines.output.lock import fence, held_epoch
+from pipelines.output.root import OutputRoot
 from pipelines.storage import PreconditionFailed, Storage
 
 CURRENT_FILE = "_CURRENT.json"
@@ -69,12 +76,27 @@ class IndexRoot:
         """The pointer's version token as this object first read it (None inside: absent); `publish` swaps the
         pointer only if it is still that one (`If-Match`), i.e. the base this run built its version from."""
 
+    @property
+    def epoch(self) -> int:
+        """The lease epoch this process holds on the index (0 without a lock)."""
+        return held_epoch(self.storage)
+
     def current(self) -> dict[str, Any] | None:
         """The pointer record, or None before the first version is published."""
         found = self.storage.read_versioned(CURRENT_FILE)
         if self._pointer_seen is None:
             self._pointer_seen = (found[1] if found else None,)
-        return json.loads(found[0]) if found else None
+        pointer = json.loads(found[0]) if found else None
+        return pointer if pointer and pointer.get("version") else None
+
+    def claim(self) -> None:
+        """Stamp the pointer with this writer's lease epoch (`If-Match` on the version read; before the first
+        version, a pointer that names none), before this writer discards, builds, publishes or collects anything:
+        from then on a publish by a writer that lost its lease fails its `If-Match`, whenever it comes."""
+        found = read_control(self.storage, CURRENT_FILE)
+        record = {k: v for k, v in (found[0] if found else {"version": None}).items() if k != "epoch"}
+        etag = write_control(self.storage, CURRENT_FILE, record, self.epoch, expect=found[1] if found else None)
+        self._pointer_seen = (etag,)
 
     def versions(self) -> list[str]:
         return sorted(d for d in self.storage.list_dirs() if _VERSION.match(d))
@@ -86,11 +108,23 @@ class IndexRoot:
         return OutputRoot(Storage(self.version_url(name), self.storage.storage_options))
 
     def attempt_state(self, name: str) -> dict[str, Any] | None:
-        return self._json(f"{name}/{REINDEX_FILE}")
+        """Version `name`'s attempt state (without the epoch of its last writer)."""
+        found = self._json(f"{name}/{REINDEX_FILE}")
+        return None if found is None else {k: v for k, v in found.items() if k != "epoch"}
 
     def write_attempt_state(self, name: str, state: dict[str, Any]) -> None:
+        """Write a version's attempt state, stamped with this writer's epoch; never over a newer lease's, nor over
+        a discarded attempt's (`LockLost`: a newer writer discarded it)."""
         fence(self.storage)
-        self.storage.write_bytes(f"{name}/{REINDEX_FILE}", json.dumps(state, indent=1, sort_keys=True).encode())
+        rel = f"{name}/{REINDEX_FILE}"
+        found = read_control(self.storage, rel)
+        if found is not None and found[0].get("discarded"):
+            from common.errors import LockLost
+
+            raise LockLost(f"{self.storage.url}: {name} was discarded (epoch {record_epoch(found[0])}); this writer "
+                           "no longer owns it")
+        write_control(self.storage, rel, {k: v for k, v in state.items() if k != "epoch"}, self.epoch,
+                      expect=found[1] if found else None)
 
     def digests(self, name: str | None) -> dict[str, str] | None:
         """Item id â†’ content digest of version `name`'s items (None: not recorded, a version built before them)."""
@@ -103,54 +137,82 @@ class IndexRoot:
         self.storage.write_bytes(f"{name}/{DIGESTS_FILE}", json.dumps(data, separators=(",", ":")).encode())
 
     def discard(self, name: str) -> int:
-        """Delete every file of an unpublished version; returns how many."""
+        """Tombstone an unpublished version (its attempt state rewritten as discarded, `If-Match`), then delete its
+        other files; returns how many. Its number is never used again, so no writer creates a file there after the
+        tombstone, and a late delete of these files is harmless."""
         if name == (self.current() or {}).get("version"):
             raise OutputError(f"refusing to discard {name}: it is the current version")
-        files = self.storage.list_files(name)
+        rel = f"{name}/{REINDEX_FILE}"
         fence(self.storage)
-        self.storage.delete(files)
-        self.storage.delete_tree(name)
+        found = read_control(self.storage, rel)
+        if found is None or not found[0].get("discarded"):
+            state = {k: v for k, v in (found[0] if found else {}).items() if k != "epoch"}
+            write_control(self.storage, rel, {**state, "discarded": True, "discarded_at": _now()}, self.epoch,
+                          expect=found[1] if found else None)
+        files = [f for f in self.storage.list_files(name) if f != rel]
+        fence(self.storage)
+        failpoints.hit("before_discard_delete")
+        self.storage.delete(files, missing_ok=True)
+        self.storage.remove_empty_folders(name)
         return len(files)
 
+    def is_discarded(self, name: str) -> bool:
+        return bool((self.attempt_state(name) or {}).get("discarded"))
+
     def start_attempt(self, base: str | None, state: dict[str, Any], stream: TextIO) -> tuple[str, dict[str, Any]]:
-        """The version this run builds: the unpublished `base + 1` resumed if it was started from the same base,
-        settings and snapshot (`state`'s keys), else a fresh one. Other unpublished versions are discarded."""
-        target = version_name(version_number(base) + 1)
-        for name in self.versions():
+        """The version this run builds: an unpublished version after `base` resumed if it was started from the same
+        base, settings and snapshot (`state`'s keys), claimed with this writer's epoch; else a fresh one, numbered
+        after every version folder there is. Other unpublished versions are discarded."""
+        names = self.versions()
+        resumed: tuple[str, dict[str, Any]] | None = None
+        for name in names:
             if version_number(name) <= version_number(base):
                 continue
             found = self.attempt_state(name)
-            if name == target and found is not None and all(found.get(k) == v for k, v in state.items()):
-                return target, found
+            if found is not None and found.get("discarded"):
+                continue
+            if resumed is None and found is not None and all(found.get(k) == v for k, v in state.items()):
+                self.write_attempt_state(name, found)  # the claim: a writer that lost its lease cannot discard it
+                resumed = name, found
+                continue
             removed = self.discard(name)
             print(f"reindex: discarding unpublished {name} ({removed} file(s)): it was started from another "
                   "snapshot, base or settings", file=stream, flush=True)
+        if resumed is not None:
+            return resumed
+        target = version_name(max([version_number(base), *map(version_number, names)]) + 1)
         fresh = {**state, "started_at": _now()}
         self.write_attempt_state(target, fresh)
         return target, fresh
 
     def publish(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Make `name` current: one atomic write of the pointer. Before it, readers see the previous version."""
-        if not self.storage.exists(f"{name}/{SUCCESS_FILE}"):
-            raise OutputError(f"refusing to publish {name}: it has no {SUCCESS_FILE} (not every item is committed)")
+        """Make `name` current: one atomic write of the pointer. Before it, readers see the previous version. Only
+        the writer whose run finished the version publishes it (its `_SUCCESS` carries this writer's epoch), and
+        only over the pointer it read or claimed (`If-Match`)."""
+        success = self.version_root(name).read_success()
+        if success is None or record_epoch(success) != self.epoch:
+            raise OutputError(f"refusing to publish {name}: it has no _SUCCESS of this run (not every item is "
+                              "committed by this writer)")
         state = self.attempt_state(name) or {}
         self.write_attempt_state(name, {**state, "finished_at": _now()})
         pointer = {**record, "version": name, "published_at": _now()}
-        data = json.dumps(pointer, indent=1, sort_keys=True).encode()
         if self._pointer_seen is None:
             self.current()
         (seen,) = self._pointer_seen or (None,)
         fence(self.storage)
         failpoints.hit("before_pointer_write")
+        data = json.dumps({**pointer, "epoch": self.epoch}, indent=1, sort_keys=True).encode()
         try:  # the swap: If-Match on the pointer this run read (If-None-Match: * for the first version)
             etag = self.storage.create(CURRENT_FILE, data) if seen is None else self.storage.replace(
                 CURRENT_FILE, data, seen)
         except PreconditionFailed:
             found = self.storage.read_versioned(CURRENT_FILE)
             if found is None or found[0] != data:  # else: our PUT landed and a retry of it failed
+                held = json.loads(found[0]) if found else {}
                 raise OutputError(f"refusing to publish {name}: {CURRENT_FILE} changed since this run read it "
-                                  f"(now {json.loads(found[0]).get('version') if found else 'deleted'}); another "
-                                  "writer published meanwhile") from None
+                                  f"(now {held.get('version') or 'none'}, written by lease epoch "
+                                  f"{record_epoch(held)}; this run's is {self.epoch}); another writer owns the "
+                                  "index now") from None
             etag = found[1]
         self._pointer_seen = (etag,)
         return pointer
@@ -167,9 +229,11 @@ class IndexRoot:
         for name in self.versions():
             n = version_number(name)
             root = self.version_root(name)
-            success = root.read_json(SUCCESS_FILE)
+            success = root.read_success()
             attempt = self.attempt_state(name) or {}
-            if n == current:
+            if attempt.get("discarded"):
+                state = "discarded (an attempt of another snapshot; its number is not reused)"
+            elif n == current:
                 state = "current"
             elif n > current:
                 state = "unpublished (in progress, or resumable by rerunning reindex)"
@@ -188,9 +252,16 @@ class IndexRoot:
         Unpublished versions newer than the current one are kept (a rerun resumes them)."""
         if keep < 1:
             raise OutputError("gc --keep must be at least 1 (the current version is always kept)")
-        current = version_number((self.current() or {}).get("version"))
+        self.claim()
+        current_name = (self.current() or {}).get("version")
+        current = version_number(current_name)
         if current == 0:
             raise OutputError(f"{self.storage.url}: no version is published ({CURRENT_FILE} is missing); nothing to gc")
+        cur = self.version_root(current_name)
+        if cur.read_job_header() is None or cur.read_success() is None:
+            raise OutputError(f"{self.storage.url}: refusing to gc: the current version {current_name} cannot be read "
+                              "(its _job.json or _SUCCESS is missing); nothing was deleted. Rerun reindex to publish "
+                              "a new version first")
         names = self.versions()
         kept = [v for v in names if current - keep < version_number(v)]
         dropped = [v for v in names if version_number(v) <= current - keep]
@@ -202,9 +273,9 @@ class IndexRoot:
             files = self.storage.list_files(v)
             doomed = [f for f in files if f not in named]
             fence(self.storage)
-            self.storage.delete(doomed)
-            if len(doomed) == len(files):  # nothing of it is named any more: the folder (or its marker) goes too
-                self.storage.delete_tree(v)
+            failpoints.hit("before_gc_delete")
+            self.storage.delete(doomed, missing_ok=True)
+            self.storage.remove_empty_folders(v)
             deleted += len(doomed)
             print(f"gc: {v}: deleted {len(doomed)} file(s)", file=stream, flush=True)
         return {"kept": kept, "collected": dropped, "files_deleted": deleted}

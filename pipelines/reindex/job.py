@@ -195,6 +195,7 @@ class ReindexJob(JobSpec):
     def prepare(self, cfg: ReindexJobConfig, plan: Plan, stream: TextIO) -> Work | dict[str, Any]:
         started = time.monotonic()
         index = self._index(cfg)
+        index.claim()  # before anything is discarded, built or published: a late publish fails its If-Match
         base = _Base(index)
         fingerprint = embed_fingerprint(cfg.embed_config(index.storage.url))
         fp_id = fingerprint_id(fingerprint)

@@ -22,6 +22,7 @@ from common.columns import (
 from pipelines import graph
 from pipelines.input.plan import WorkItem
 from pipelines.input.reading import read_items, row_columns
+from pipelines.output.lock import held_epoch
 from pipelines.output.pieces import SCORES_DIR
 from pipelines.rerank.config import RerankJobConfig
 from pipelines.rerank.joining import order_joined_item, read_documents
@@ -63,4 +64,4 @@ def build_rank_graph(score_files: list[str], storage: Storage, fingerprint: dict
                           buckets=buckets, skip_buckets=skip_buckets)
     return flow.map_groups(BUCKET, rank_bucket.stage, batch_format="pyarrow", num_cpus=io_num_cpus,
                            fn_kwargs={"storage": storage, "fingerprint": fingerprint, "top_k": top_k,
-                                      "item_order": item_order}).ds
+                                      "item_order": item_order, "epoch": held_epoch(storage)}).ds

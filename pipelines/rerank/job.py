@@ -18,7 +18,7 @@ from pipelines import __version__
 from pipelines.fingerprint import model_identity
 from pipelines.input.plan import Plan, WorkItem, make_plan
 from pipelines.lifecycle import ItemsOutcome, JobSpec, Work
-from pipelines.output.records import RankCommit, Totals
+from pipelines.output.records import RankCommit, Totals, scores_digest
 from pipelines.output.root import OutputRoot
 from pipelines.preflight import preflight_model
 from pipelines.ray_runtime import map_on_cluster, stream_rows
@@ -53,7 +53,9 @@ def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, A
     count (`rank_bucket_count`) is printed when ranking starts and recorded in each rank commit."""
     commits = outcome.commits.values()
     scored = sum(c.rows for c in commits)
-    done = list(root.read_rank_commits().values())
+    digest = scores_digest(commits)
+    # a bucket ranked from other scores (a late writer's, or before new scores) is ranked again and replaced
+    done = list(root.ranks_of(outcome.commits).values())
     recorded = {c.buckets for c in done if c.buckets is not None}
     if len(recorded) > 1:  # never written so; ranks are derived data, so rank again rather than mix two hashings
         print(f"rank: the rank commits found record {sorted(recorded)} buckets; ranking again",
@@ -71,8 +73,8 @@ def rank_scores(cfg: RerankJobConfig, root: OutputRoot, fingerprint: dict[str, A
         for row in stream_rows(lambda: build_rank_graph(files, root.storage, fingerprint, buckets, skip,
                                                         cfg.output.top_k, cfg.compute.io_num_cpus, item_order),
                                cfg.run):
-            root.write_rank_commit(RankCommit.from_row(row, fp_id, buckets))
-        done = list(root.read_rank_commits().values())
+            root.write_rank_commit(RankCommit.from_row(row, fp_id, buckets, digest))
+        done = list(root.ranks_of(outcome.commits).values())
     ranked_scores = sum(c.scored for c in done)
     if ranked_scores != scored:
         raise OutputError(f"ranking covered {ranked_scores} of {scored} scored pairs; rerun to resume")

@@ -119,19 +119,19 @@ def rank_table(table: pa.Table, top_k: int | None, item_order: Mapping[str, int]
 
 @stage(needs=(*SCORE_COLUMNS, BUCKET), adds=RankCommit.ARROW_SCHEMA.names, drops=EVERY_COLUMN)
 def rank_bucket(group: pa.Table, storage: Storage, fingerprint: dict, top_k: int | None,
-                item_order: Mapping[str, int]) -> pa.Table:
+                item_order: Mapping[str, int], epoch: int = 0) -> pa.Table:
     """Ray Data stage (map_groups): one bucket's scores in; its ranked file written; one record out."""
     failpoints.hit("rank_bucket")
     bucket = int(group.column("_bucket")[0].as_py())
     ranked, duplicates = rank_table(group, top_k, item_order)
     fp = json.dumps(fingerprint, sort_keys=True)
     stem = f"rank-{bucket:05d}"
-    data = put_piece(storage, DATA_DIR, stem, ranked, fp) if ranked.num_rows else None
+    data = put_piece(storage, DATA_DIR, stem, ranked, fp, epoch) if ranked.num_rows else None
     rejects = None
     if duplicates.num_rows:
         rej = reject_table(duplicates, ["query_id", "doc_id"],
                            pa.array(["duplicate_pair"] * duplicates.num_rows, pa.string()))
-        rejects = put_piece(storage, REJECTS_DIR, stem, rej, fp)
+        rejects = put_piece(storage, REJECTS_DIR, stem, rej, fp, epoch)
     row = RankCommit.row(bucket, data, rejects, queries=len(pc.unique(group.column("query_id"))),
                          scored=group.num_rows)
     return pa.Table.from_pylist([row], schema=RankCommit.ARROW_SCHEMA)

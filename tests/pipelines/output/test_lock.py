@@ -10,7 +10,7 @@ import pytest
 from common.errors import OutputError
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.lock import LOCK_FILE, OutputLock
+from pipelines.output.lock import LOCK_FILE, OutputLock, machine_identity
 from pipelines.storage import Storage
 
 
@@ -46,10 +46,11 @@ def test_a_dead_local_owner_is_known_at_once(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({
-        "token": "t", "owner": "crashed driver", "host": socket.gethostname(), "pid": int(dead.stdout),
-        "pid_start": "1", "started": 0, "heartbeat": time.time()}))
+        "token": "t", "owner": "crashed driver", "host": socket.gethostname(), **machine_identity(),
+        "pid": int(dead.stdout), "pid_start": "1", "started": 0, "heartbeat": time.time(), "epoch": 7}))
     lock = OutputLock(Storage(str(tmp_path / "out")), stale_after_s=600)
     lock.acquire()
+    assert lock.epoch == 8  # one past the dead owner's lease
     lock.release()
     live = OutputLock(Storage(str(tmp_path / "out")), stale_after_s=600).acquire()
     with pytest.raises(OutputError, match="being written by another job"):
@@ -65,7 +66,7 @@ def test_the_lock_beats_while_held_and_is_released(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] > first
         with pytest.raises(OutputError, match="being written by another job"):
             OutputLock(Storage(str(tmp_path)), stale_after_s=0.5).acquire()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["released"] is True  # kept: it carries the epoch
 
 
 @pytest.mark.integration
@@ -75,4 +76,4 @@ def test_a_stale_lock_is_taken_over_with_a_message(ray_local, cfg, tmp_path, cap
     summary = run_embed(cfg.model_copy(update={"run": cfg.run.model_copy(update={"lock_stale_s": 3})}))
     assert summary["totals"]["rows"] == 12
     assert "taking over a stale lock of other-host pid 4242" in capsys.readouterr().err
-    assert not (tmp_path / "out" / LOCK_FILE).exists()
+    assert json.loads((tmp_path / "out" / LOCK_FILE).read_text())["released"] is True

@@ -73,7 +73,7 @@ def test_pieces_of_an_item_merge_into_one_file_per_folder_with_rows_in_order(sto
     by_folder = {f.path.rsplit("/", 1)[0]: f for f in merged.data_files}
     assert sorted(by_folder) == ["data/lang=de", "data/lang=en"]
     for folder, ref in by_folder.items():
-        assert re.fullmatch(rf"{folder}/{ITEM}-0-29-[0-9a-f]{{12}}\.parquet", ref.path)
+        assert re.fullmatch(rf"{folder}/{ITEM}-0-29-e0-[0-9a-f]{{12}}\.parquet", ref.path)
         table = read(store, ref)
         expect = [r for r in range(30) if r not in {3, 25, 29} and (("en" if r % 3 else "de") in folder)]
         assert table.column("id").to_pylist() == [f"doc-{r}" for r in expect]

@@ -39,8 +39,9 @@ def commit(item: WorkItem, rows: int | None = None, when: str = "2026-11-30T05:0
 def written(monkeypatch, storage: Storage) -> list[str]:
     """The paths `storage` writes from now on."""
     paths: list[str] = []
-    original = storage.write_bytes
-    monkeypatch.setattr(storage, "write_bytes", lambda rel, data: (paths.append(rel), original(rel, data))[1])
+    for name in ("write_bytes", "create", "replace"):  # control files are written with conditions
+        original = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda rel, *args, _o=original: (paths.append(rel), _o(rel, *args))[1])
     return paths
 
 
@@ -53,13 +54,13 @@ def test_shards_round_trip_and_job_json_holds_only_a_header(store, monkeypatch):
     assert "items" not in stored
     header = stored["plan"]
     assert header["items"] == 7 and header["known_rows"] == 70 and header["planned_with"] == "k1"
-    assert header["shards"] == ["items-00000.parquet", "items-00001.parquet", "items-00002.parquet"]
+    assert header["shards"] == ["items-00000-e0.parquet", "items-00001-e0.parquet", "items-00002-e0.parquet"]
     assert sorted(store.list_files("_plan")) == [f"_plan/{header['digest']}/{n}" for n in header["shards"]]
     assert [len(shard) for shard in root.iter_planned_items()] == [3, 3, 1]
     assert [i for shard in root.iter_planned_items() for i in shard] == planned
     assert root.read_job()["items"] == [i.to_dict() for i in planned]  # the compatible, whole form
     assert root.planned_item_ids() == [i.item_id for i in planned]
-    table = pq.read_table(io.BytesIO(store.read_bytes(f"_plan/{header['digest']}/items-00000.parquet")))
+    table = pq.read_table(io.BytesIO(store.read_bytes(f"_plan/{header['digest']}/items-00000-e0.parquet")))
     assert table.num_rows == 3 and table.column("rg_end").to_pylist() == [1, 2, 3]
 
 
@@ -78,7 +79,7 @@ def test_a_resume_with_the_same_plan_writes_no_shard(store, monkeypatch):
     OutputRoot(store).prepare(FP, FP_ID, grown, {}, plan_key="k1")
     header = json.loads(store.read_bytes(JOB_FILE))["plan"]
     assert header["digest"] != first["digest"] and header["items"] == 10
-    assert paths == [f"_plan/{header['digest']}/items-0000{k}.parquet" for k in range(3)] + [JOB_FILE]
+    assert paths == [f"_plan/{header['digest']}/items-0000{k}-e0.parquet" for k in range(3)] + [JOB_FILE]
     assert OutputRoot(store).planned_item_ids() == [i.item_id for i in grown]
     # the superseded plan's shards stay (a reader of the old header may still read them)
     assert len(store.list_files(f"_plan/{first['digest']}")) == 3
