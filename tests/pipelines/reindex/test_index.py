@@ -50,10 +50,13 @@ def test_attempts_resume_only_from_the_same_base_settings_and_snapshot(tmp_path)
     again, resumed = index.start_attempt(None, state, log)
     assert again == "v000001" and resumed == fresh and index.storage.exists("v000001/_commits/a.json")
     other, _ = index.start_attempt(None, {**state, "plan_digest": "p2"}, log)
-    assert other == "v000001" and not index.storage.exists("v000001/_commits/a.json")
-    assert "discarding unpublished v000001 (2 file(s))" in log.getvalue()
+    # another snapshot: v000001 is tombstoned (its number is never reused) and emptied; the new attempt is next
+    assert other == "v000002" and not index.storage.exists("v000001/_commits/a.json")
+    assert index.is_discarded("v000001") and index.storage.list_files("v000001") == ["v000001/_reindex.json"]
+    assert "discarding unpublished v000001 (1 file(s))" in log.getvalue()
+    assert index.start_attempt(None, {**state, "plan_digest": "p2"}, log)[0] == "v000002"  # resumed, not v000003
     with pytest.raises(OutputError, match="no _SUCCESS"):
-        index.publish("v000001", {})
+        index.publish("v000002", {})
     assert index.current() is None and not index.storage.exists(CURRENT_FILE)
 
 
@@ -162,3 +165,21 @@ def test_versions_and_gc_commands(tmp_path, capsys):
     assert storage.exists("v000001/data/x.parquet")  # the current version is always kept
     assert main(["gc", str(tmp_path / "idx"), "--keep", "0"]) == 2
     assert "gc --keep must be at least 1" in capsys.readouterr().err
+
+
+def test_gc_refuses_when_the_current_version_cannot_be_read(tmp_path):
+    """gc --keep 1 on an index whose current version lost its _SUCCESS (deleted by hand, or by a late writer
+    before this release) deletes nothing and says why: it never collects versions against a pointer it cannot
+    follow."""
+    store = Storage(str(tmp_path / "idx"))
+    for name in ("v000001", "v000002"):
+        store.write_bytes(f"{name}/_job.json", b'{"fingerprint_id": "fp"}')
+        store.write_bytes(f"{name}/_SUCCESS", b"{}")
+        store.write_bytes(f"{name}/data/x.parquet", b"x")
+    store.write_bytes(CURRENT_FILE, b'{"version": "v000002"}')
+    store.delete(["v000002/_SUCCESS"])
+    before = store.list_files("")
+    with OutputLock(store, 600):
+        with pytest.raises(OutputError, match="refusing to gc: the current version v000002 cannot be read"):
+            IndexRoot(store).gc(1, io.StringIO())
+    assert [f for f in store.list_files("") if f != "_lock.json"] == [f for f in before if f != "_lock.json"]
