@@ -26,6 +26,7 @@ from pipelines.output.records import FileRef, ItemCommit
 from pipelines.output.root import COMMITS_DIR, OutputRoot
 from pipelines.reindex.index import IndexRoot
 from pipelines.storage import PreconditionFailed, Storage
+from support.late_writer import namespaced
 
 
 def test_conditional_primitives(store):
@@ -281,11 +282,14 @@ def _job(tmp_path, model, out_url, options):
 
 
 def _start(cfg, ray_address=None):
-    """The job as a process: with `ray_address` it joins the session's Ray, else it starts a private one."""
+    """The job as a process: with `ray_address` it joins the session's Ray, else it starts a private one, in a pid
+    namespace of its own (a container's or another machine's driver: a live process of this machine is never taken
+    over, so only such a driver can be judged by its heartbeat)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBEDRANK_"))}
     extra = ["--set", f"run.ray_address={ray_address}"] if ray_address else []
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    argv = [sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json", *extra]
+    return subprocess.Popen(argv if ray_address else namespaced(argv), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=not ray_address)
 
 
 def _finish(proc, timeout=300):
@@ -322,7 +326,7 @@ def _paused_driver_scenario(tmp_path, model, out_url, options, session_ray):
         while a.poll() is None and time.monotonic() < deadline and not _records(storage):
             time.sleep(0.05)
         assert a.poll() is None, f"driver A finished before it could be paused: {a.communicate()[1][-3000:]}"
-        os.kill(a.pid, signal.SIGSTOP)  # driver A frozen after its first commit (a VM suspend, a long GC pause)
+        os.killpg(a.pid, signal.SIGSTOP)  # driver A frozen after its first commit (a VM suspend, a GC pause)
         at_pause = len(_records(storage))
         phases["A to first commit"], t0 = time.monotonic() - t0, time.monotonic()
         time.sleep(STALE_S + 0.5)  # A's heartbeat looks stale now; B still watches the lock for STALE_S itself
@@ -333,12 +337,12 @@ def _paused_driver_scenario(tmp_path, model, out_url, options, session_ray):
         after_b = _snapshot(storage)
         assert verify_output(out_url, options).ok
         phases["B (wait, takeover, run)"], t0 = time.monotonic() - t0, time.monotonic()
-        os.kill(a.pid, signal.SIGCONT)  # A wakes up, unaware
+        os.killpg(a.pid, signal.SIGCONT)  # A wakes up, unaware
         code_a, _, err_a = _finish(a, timeout=120)
     finally:
         if a.poll() is None:
-            os.kill(a.pid, signal.SIGCONT)
-            a.kill()
+            os.killpg(a.pid, signal.SIGCONT)
+            os.killpg(a.pid, signal.SIGKILL)
             a.communicate()
     assert code_a == 4, err_a
     assert "lost its lock" in err_a and "stopped before its next commit, delete or pointer write" in err_a
