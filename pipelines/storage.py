@@ -518,3 +518,29 @@ def changed_while_reading(exc: BaseException) -> bool:
     range GET with `If-Match: <ETag at open>` and raises `FileExpired` (or a 412) when it changed."""
     return type(exc).__name__ == "FileExpired" or (isinstance(exc, OSError) and _is_precondition_failure(exc)
                                                   and not isinstance(exc, FileExistsError))
+
+
+# -- compressed inputs ---------------------------------------------------------------------------------------
+
+COMPRESSION_PACKAGES = {"zst": "backports.zstd (Python < 3.14) or zstandard", "lz4": "lz4", "lzma": "lzmaffi"}
+"""Name suffixes fsspec decompresses only with an optional package, and that package."""
+
+
+def compression_of(url: str) -> str | None:
+    """The codec fsspec infers from the file's name (`gzip` for `.gz`, `zstd` for `.zst`, …), None if plain."""
+    from fsspec.utils import infer_compression
+
+    return infer_compression(url)
+
+
+def decompressing(fh: Any, codec: str) -> Any:
+    """A binary file object reading `fh` through `codec` (one of `fsspec.compression.compr`)."""
+    from fsspec.compression import compr
+
+    return compr[codec](fh, mode="rb")
+
+
+def read_head(url: str, storage_options: dict[str, Any], n: int) -> bytes:
+    """The first `n` bytes of one input file (one small ranged GET on a store)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs.cat_file(path, start=0, end=n)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipelines.input.plan import PreviousPlan, WorkItem
 from pipelines.output.lock import fence
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 PLAN_DIR = "_plan"
 SHARD_ITEMS = 4096
@@ -108,7 +109,7 @@ def iter_shards(storage: Storage, job: dict[str, Any], columns: list[str] | None
     plan = job["plan"]
     for name in plan["shards"]:
         data = storage.read_bytes(f"{PLAN_DIR}/{plan['digest']}/{name}")
-        yield pq.read_table(io.BytesIO(data), columns=columns)
+        yield parquet_bytes.read_table(data, columns=columns)
 
 
 def iter_items(storage: Storage, job: dict[str, Any]) -> Iterator[list[WorkItem]]:
