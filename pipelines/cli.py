@@ -48,6 +48,14 @@ def _user_error(exc: BaseException) -> EmbedrankError | None:
     return _from_remote_text(exc)
 
 
+def _store_error(exc: BaseException) -> EmbedrankError | None:
+    """A store refusing us (credentials, endpoint, bucket, permissions) as one line naming the setting."""
+    from pipelines.storage import storage_error
+
+    line = storage_error(exc)
+    return EmbedrankError(line) if line else None
+
+
 def _parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(stop, job=getattr(args, "runs_ray", False))
     except Exception as exc:  # noqa: BLE001 - user errors become messages, the rest re-raise
         _end_progress_line()
-        user = _user_error(exc)
+        user = _user_error(exc) or _store_error(exc)
         if user is None:
             raise
         print(f"embedrank: error: {user}", file=sys.stderr)

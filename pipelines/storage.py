@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -501,7 +502,8 @@ def expand_inputs(patterns: list[str], extension: str, storage_options: dict[str
         try:
             matches = fs.glob(glob, detail=True)
         except PermissionError as exc:
-            raise InputError(f"input.paths: access denied listing {pattern!r} ({exc})") from None
+            raise InputError(f"input.paths: access denied listing {pattern!r} ({exc}); check input.storage_options "
+                             "key and secret and their permissions on this path") from None
         found = {p: info for p, info in matches.items() if info.get("type", "file") == "file"}
         if not found:
             raise InputError(f"input.paths: {pattern!r} matches no file")
@@ -530,3 +532,76 @@ def changed_while_reading(exc: BaseException) -> bool:
     range GET with `If-Match: <ETag at open>` and raises `FileExpired` (or a 412) when it changed."""
     return type(exc).__name__ == "FileExpired" or (isinstance(exc, OSError) and _is_precondition_failure(exc)
                                                   and not isinstance(exc, FileExistsError))
+
+
+# -- compressed inputs ---------------------------------------------------------------------------------------
+
+COMPRESSION_PACKAGES = {"zst": "backports.zstd (Python < 3.14) or zstandard", "lz4": "lz4", "lzma": "lzmaffi"}
+"""Name suffixes fsspec decompresses only with an optional package, and that package."""
+
+
+def compression_of(url: str) -> str | None:
+    """The codec fsspec infers from the file's name (`gzip` for `.gz`, `zstd` for `.zst`, …), None if plain."""
+    from fsspec.utils import infer_compression
+
+    return infer_compression(url)
+
+
+def decompressing(fh: Any, codec: str) -> Any:
+    """A binary file object reading `fh` through `codec` (one of `fsspec.compression.compr`)."""
+    from fsspec.compression import compr
+
+    return compr[codec](fh, mode="rb")
+
+
+def read_head(url: str, storage_options: dict[str, Any], n: int) -> bytes:
+    """The first `n` bytes of one input file (one small ranged GET on a store)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs.cat_file(path, start=0, end=n)
+
+
+# -- store errors as one line ---------------------------------------------------------------------------------
+
+_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                     "InvalidClientTokenId", "AuthorizationHeaderMalformed")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and every error behind it (`cause` of Ray's wrappers, `__cause__`, `__context__`)."""
+    seen: dict[int, BaseException] = {}
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen[id(e)] = e
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return list(seen.values())
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """One line naming the setting to fix, when `exc` is a store refusing us (credentials, endpoint, bucket,
+    permissions) rather than a bug; None otherwise. Used by the CLI for every command."""
+    chain = _chain(exc)
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return ("S3: no usable credentials; set storage_options key and secret (or AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY, or an AWS profile)")
+    code = next((c for c in _CREDENTIAL_CODES if c in text), None)
+    if code is not None:
+        return (f"S3 refused the credentials ({code}); check storage_options key and secret (or "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+                "ProxyConnectionError"} or "Could not connect to the endpoint URL" in text:
+        endpoint = re.search(r'endpoint URL: "(\w+://[^/"]+)', text)
+        where = f" {endpoint.group(1)}" if endpoint else ""
+        return f"S3: cannot reach the endpoint{where}; check storage_options endpoint_url (or AWS_ENDPOINT_URL)"
+    if "NoSuchBucket" in text or "The specified bucket does not exist" in text:
+        return "S3: the bucket does not exist; check the bucket in the path (or storage_options endpoint_url)"
+    denied = next((e for e in chain if isinstance(e, PermissionError)), None)
+    if denied is not None or "AccessDenied" in text:
+        detail = str(denied).splitlines()[0] if denied is not None and str(denied) else "AccessDenied"
+        return (f"S3: access denied ({detail}); check storage_options key and secret (or AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY) and that they may use this path")
+    return None

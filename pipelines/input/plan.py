@@ -8,9 +8,9 @@ boundaries. A JSONL file larger than `input.jsonl_item_mb` is cut into ⌈size �
 equal byte ranges `[byte_start, byte_end)` (`jsonl_ranges`), planned from its size
 alone (no scan); a range owns every line that *starts* inside it, so each line is
 read by exactly one item (`pipelines.input.reading`). A smaller JSONL file is one
-item, read whole, as is a compressed one (`.gz`, `.zst`, … by name: a compressed
-stream has no byte offsets to cut at; embedrank reads no compressed JSONL today,
-the rule only keeps a future decompressing reader correct). JSONL row counts are
+item, read whole, as is a compressed one (`.gz`, `.zst`, `.bz2`, … by name: a
+compressed stream has no byte offsets to cut at; `pipelines.input.compressed`
+refuses at planning what no codec reads). JSONL row counts are
 learnt when read. Each item also pins its file as listed (size and version: S3 ETag,
 local mtime), and readers fail the job naming the file if it is no longer that
 version (`parquet_io.Pin`); ranged reads are checked the same way.
@@ -38,15 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-from fsspec.utils import infer_compression
 
 from common.errors import InputError
 from pipelines.config import SourceConfig
+from pipelines.input import compressed
 from pipelines.input.parquet_io import CorruptFile, Pin, read_metadata
 from pipelines.storage import InputFile, expand_inputs
 
 BYTES_PER_TOKEN = 4.0
-EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl*"}
+"""What a folder given as an input lists: JSONL compressed or not (`pipelines.input.compressed`)."""
 FOOTERS_ON_CLUSTER = 1_000
 """More Parquet footers than this to read, and planning reads them in Ray tasks (when `make_plan` is given
 `on_cluster`)."""
@@ -251,7 +252,7 @@ def jsonl_ranges(size: int, item_bytes: int) -> list[tuple[int, int]]:
 
 def _plan_jsonl(f: InputFile, cfg: SourceConfig) -> list[WorkItem]:
     ranges = jsonl_ranges(f.size, cfg.jsonl_item_bytes)
-    if len(ranges) == 1 or infer_compression(f.url) is not None:
+    if len(ranges) == 1 or compressed.codec_for(f.url) is not None:
         return [WorkItem(_item_id(f, 0, None), f.url, f.rel, "jsonl", 0, None, None, int(f.size / BYTES_PER_TOKEN),
                          **_pin(f))]
     # the ids of cut items hash their byte range, marked as bytes so that no row range can give the same key
@@ -338,6 +339,7 @@ def make_plan(cfg: SourceConfig, max_workers: int = FOOTER_THREADS, previous: Pr
         footers, reused = len(unread), len(files) - len(unread)
     else:
         per_file = [_plan_jsonl(f, cfg) for f in files]
+        compressed.check_planned([f.url for f in files], cfg.storage_options)
     items = [item for items in per_file for item in items]
     if items and all(i.bad_reason for i in items):
         raise InputError(f"every input file is unusable, which points at the config rather than the data; "

@@ -24,11 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common.columns import ITEM, ITEM_JSON, ITEM_ROWS, READ_BOOKKEEPING, REJECT, ROW
-from common.errors import InputError
+from common.errors import InputChanged, InputError
 from pipelines.config import FieldSpec, SourceConfig
-from pipelines.input.parquet_io import CorruptFile, open_pinned, read_row_groups
+from pipelines.input import compressed
+from pipelines.input.parquet_io import CorruptFile, StorageReadError, open_pinned, read_row_groups
 from pipelines.input.plan import WorkItem
 from pipelines.stages import EVERY_COLUMN, stage
+from pipelines.storage import decompressing
 
 NO_REASON = pa.scalar(None, pa.string())
 
@@ -197,9 +199,28 @@ def jsonl_lines(data: bytes, offset: int) -> list[tuple[int, bytes]]:
     return lines
 
 
+def _decompressed(fh: Any, item: WorkItem, codec: str) -> bytes:
+    """The whole decompressed stream of a compressed JSONL file; a stream that does not decode fails the job
+    naming the file (`InputError`), never rejects rows. Store errors pass as they are."""
+    try:
+        with decompressing(fh, codec) as stream:
+            return stream.read()
+    except (StorageReadError, InputChanged):
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{item.url}: not a readable {codec} stream ({type(exc).__name__}: {exc})") from None
+
+
 def _read_jsonl(item: WorkItem, cfg: SourceConfig) -> pa.Table:
+    codec = compressed.codec_for(item.url)
     with open_pinned(item.url, cfg.storage_options, item.pin) as fh:  # store errors: StorageReadError
-        lines = jsonl_lines(*jsonl_bytes(fh, item))
+        if codec is not None:
+            data, offset = _decompressed(fh, item, codec), 0
+        else:
+            data, offset = jsonl_bytes(fh, item)
+            if offset == 0:
+                compressed.refuse_mislabelled(item.url, data)
+        lines = jsonl_lines(data, offset)
     fields = cfg.fields()
     values: dict[str, list[Any]] = {fs.role: [] for fs in fields}
     extra: dict[str, list[Any]] = {c: [] for c in cfg.extra_columns}

@@ -24,6 +24,7 @@ from common.object_version import object_version
 from pipelines.output.lock import fence
 from pipelines.output.records import ItemCommit
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 SNAPSHOT_FILE = "_commits_snapshot.parquet"
 SCHEMA = pa.schema([("item", pa.string()), ("version", pa.string()), ("record", pa.string())])
@@ -50,7 +51,7 @@ def listed_versions(storage: Storage, folder: str) -> dict[str, str]:
 def read_snapshot(storage: Storage) -> dict[str, tuple[str, str]]:
     """Item id → (version, record JSON) as the snapshot holds them ({} when there is none or it is unreadable)."""
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(SNAPSHOT_FILE)))
+        table = parquet_bytes.read_table(storage.read_bytes(SNAPSHOT_FILE))
     except (FileNotFoundError, pa.ArrowException):
         return {}
     if table.schema.names != SCHEMA.names:

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import posixpath
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common import failpoints
 from common.errors import OutputError
 from pipelines.output.pieces import put_piece
 from pipelines.output.records import FileRef, Piece, sum_histograms, sum_reasons
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 
 def piece_bytes(piece: Piece) -> int:
@@ -56,7 +55,7 @@ def _read_checked(storage: Storage, ref: FileRef) -> pa.Table:
     if hashlib.sha256(data).hexdigest() != ref.sha256:
         raise OutputError(f"{storage.url}: piece {ref.path} changed since it was written (checksum differs); "
                           "its item is not committed: rerun to resume")
-    return pq.read_table(io.BytesIO(data))
+    return parquet_bytes.read_table(data)
 
 
 def _merged_file(storage: Storage, refs: list[FileRef], stem: str, epoch: int) -> FileRef:

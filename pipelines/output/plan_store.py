@@ -31,6 +31,7 @@ from pipelines.input.plan import PreviousPlan, WorkItem
 from pipelines.output.control import epoch_tag
 from pipelines.output.lock import fence
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 PLAN_DIR = "_plan"
 SHARD_ITEMS = 4096
@@ -124,7 +125,7 @@ def iter_shards(storage: Storage, job: dict[str, Any], columns: list[str] | None
     plan = job["plan"]
     for name in plan["shards"]:
         data = storage.read_bytes(f"{PLAN_DIR}/{plan['digest']}/{name}")
-        yield pq.read_table(io.BytesIO(data), columns=columns)
+        yield parquet_bytes.read_table(data, columns=columns)
 
 
 def iter_items(storage: Storage, job: dict[str, Any]) -> Iterator[list[WorkItem]]:

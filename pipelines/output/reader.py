@@ -11,16 +11,15 @@ them, at cluster scale) and `read_committed` (one in-memory Table, for small out
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common.errors import OutputError
 from pipelines.output.records import ItemCommit
 from pipelines.output.root import JOB_FILE, OutputRoot
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 
 def current_version_url(output: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -59,7 +58,7 @@ def _committed_paths(root: OutputRoot, job: dict[str, Any], commits: dict[str, I
 
 
 def _read(root: OutputRoot, paths: list[str]) -> pa.Table:
-    tables = [pq.read_table(io.BytesIO(root.storage.read_bytes(p))) for p in paths]
+    tables = [parquet_bytes.read_table(root.storage.read_bytes(p)) for p in paths]
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(tables[0].schema.metadata)

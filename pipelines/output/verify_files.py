@@ -16,18 +16,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.output.records import FileRef
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 KEY_KINDS = ("id", "row", "query")
 
@@ -130,7 +129,7 @@ def check_file(storage: Storage, n: Named, top_k: int | None) -> tuple[dict[str,
     if hashlib.sha256(data).hexdigest() != n.ref.sha256:
         problems.append(f"{path}: checksum differs from {n.owner}")
     try:
-        parquet = pq.ParquetFile(io.BytesIO(data))
+        parquet = parquet_bytes.parquet_file(data)
         table = parquet.read(columns=_COLUMNS[n.role])
     except (pa.ArrowException, OSError, ValueError) as exc:
         problems.append(f"{path}: not a readable Parquet file with columns {_COLUMNS[n.role]} ({exc})")

@@ -8,7 +8,6 @@ every candidate of its queries, is ranked whole and committed whole.
 
 from __future__ import annotations
 
-import io
 import json
 import zlib
 from collections.abc import Mapping
@@ -16,7 +15,6 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from common import failpoints
 from common.columns import BUCKET, DOC_ID, ITEM, PATH, QUERY_ID, ROW, SCORE
@@ -24,6 +22,7 @@ from pipelines.output.pieces import DATA_DIR, REJECTS_DIR, put_piece, reject_tab
 from pipelines.output.records import RankCommit
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
+from pipelines import parquet_bytes
 
 MAX_PAIRS_PER_BUCKET = 2_000_000
 """Scored pairs a rank bucket holds, on average, with `output.rank_buckets: auto`. One rank task holds its whole
@@ -62,7 +61,7 @@ def bucket_of(query_ids: list[str], buckets: int) -> np.ndarray:
 @stage(needs=(PATH,), adds=(*SCORE_COLUMNS, BUCKET), drops=EVERY_COLUMN)
 def read_score_files(batch: pa.Table, storage: Storage, buckets: int, skip_buckets: list[int]) -> pa.Table:
     """Ray Data stage: committed score files in, their rows out with `_bucket` (committed buckets dropped)."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=SCORE_COLUMNS)
+    tables = [parquet_bytes.read_table(storage.read_bytes(p), columns=SCORE_COLUMNS)
               for p in batch.column(PATH).to_pylist()]
     table = pa.concat_tables(tables).replace_schema_metadata(None)
     table = table.append_column(BUCKET, pa.array(bucket_of(table.column(QUERY_ID).to_pylist(), buckets)))
