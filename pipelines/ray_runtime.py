@@ -34,6 +34,14 @@ from typing import Any, TextIO
 
 from pipelines.config import RunConfig
 from pipelines.progress import emit, forget
+
+RESOURCE_REQUEST_EXPIRE_S = "30"
+"""Ray Data keeps a running dataset's resource request with the cluster's autoscaling coordinator, renewed every
+10 s, for `RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S` (Ray's default 180 s) after its driver last renewed it: a
+killed driver's request would hold a rerun on the same cluster back for three minutes. Read by the driver when
+Ray Data's cluster autoscaler module is imported, so it is set before any Ray import here (a user's own value
+wins)."""
+os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", RESOURCE_REQUEST_EXPIRE_S)
 from pipelines.resources import Autoscaler, ClusterView, pending_line, read_only_monitor
 from pipelines.watchdog import iter_batches_watched
 

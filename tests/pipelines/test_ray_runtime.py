@@ -63,3 +63,17 @@ def test_embedded_ray_listens_on_loopback_and_only_our_lines_reach_the_terminal_
     else:
         assert stderr.splitlines() == started, stderr  # no token notice, core_worker.cc, Ray Data lines
         assert started[0].endswith("/logs; --verbose shows them here)") and "replica output" not in stdout
+
+
+def test_a_killed_drivers_resource_request_expires_in_seconds_not_minutes():
+    """A job's driver asks Ray Data's coordinator to expire its resource request 30 s after the last renewal
+    (Ray's default is 180 s): a killed driver's request must not hold the rerun back for minutes."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"}
+    probe = ("import pipelines.lifecycle\n"
+             "from ray.data._internal.cluster_autoscaler.default_cluster_autoscaler_v2 import "
+             "DefaultClusterAutoscalerV2 as D\nprint(D.AUTOSCALING_REQUEST_EXPIRE_TIME_S)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "30", out.stderr[-2000:]
