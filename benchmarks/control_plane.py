@@ -18,11 +18,12 @@ the finished job (start-up = process start to its `resume: N item(s) already com
 imports, config, plan reuse from the stored plan, lock, `prepare` with its commit reads and orphan scan; then
 close: orphan scan, `_SUCCESS`, report), `embedrank status`, `embedrank verify --quick` and full `embedrank
 verify`, with `--engine local` (the driver does every check) and `--engine ray` (a Ray Data job; the process
-starts its own local Ray; where data exists). Peak RSS is the child's own
-`ru_maxrss` (`os.wait4`). It also times `OutputRoot.read_commits` of the big case at 16 and 64 threads, and the
-cold plan of the big input (every footer read) against the reused one. Then it prints the table, the goals'
-ratios (driver RSS of the big job's 20,000 items against the smallest job's one item, for the commands that run
-on it; the full verify engines at the largest job with data) and a 10⁹-row projection from the measured growth per item, and writes them to `--results`.
+starts its own local Ray; where data exists). Peak RSS is the child's own high-water mark (`VmHWM` at its exit,
+see `_HWM`). It also times `OutputRoot.read_commits` of the big case at 16 and 64 threads, and the cold plan of
+the big input (every footer read) against the reused one. Then it prints the table, the goals' ratios (driver RSS
+of the big job's 20,000 items against the smallest job's one item, for the commands that run on it; the full
+verify engines at the largest job with data), a 10⁹-row projection from the measured growth per item, and
+writes them to `--results`.
 """
 
 from __future__ import annotations
@@ -396,8 +397,8 @@ def report(rows: list[dict[str, Any]], threads: dict[int, float], plans: dict[st
     def rss_goal(label: str, at: dict[str, Any], key: str, note: str = "") -> None:
         a, b = base["measured"][key], at["measured"][key]
         ratio = b.rss_mib / a.rss_mib
-        lines.append(f"  driver RSS of {label} at {at['items']:,} items ({at['rows']:,} rows) / at {base['items']:,} item(s) "
-                     f"({base['rows']:,} rows): {b.rss_mib:.1f} / {a.rss_mib:.1f} MiB = {ratio:.2f}x "
+        lines.append(f"  driver RSS of {label} at {at['items']:,} items ({at['rows']:,} rows) / at "
+                     f"{base['items']:,} item(s) ({base['rows']:,} rows): {b.rss_mib:.1f} / {a.rss_mib:.1f} MiB = {ratio:.2f}x "
                      f"(goal <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'}){note}")
 
     # the goal's scale is the big job's item count: what the driver holds grows with items (commit records, plan
