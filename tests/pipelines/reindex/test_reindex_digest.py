@@ -5,9 +5,9 @@ snappy, row groups of 5 instead of 10, each item's rows in reverse order; items 
 edits c3 and moves c15 from file c to a new file d. The renamed and re-exported items are kept by reference
 through their digests (no row of theirs read by the build, none embedded; b's vectors are v1's bit for bit);
 c's items are rebuilt carrying their unchanged vectors from c's own base files; c15 carries its vector from c's
-base file into d's item. Counts come from a plain dict diff (the oracle); the version equals a full re-embed of snapshot 2 bit for bit (each row embedded alone,
-`max_batch_tokens: 1`, see test_reindex.py). Snapshot 3 renames every file of snapshot 2: nothing changed,
-and the digests say so without any diff task.
+base file into d's item. Counts come from a plain dict diff (the oracle); the version equals a full re-embed of
+snapshot 2 bit for bit (each row embedded alone, `max_batch_tokens: 1`, see test_reindex.py). Snapshot 3 renames
+every file of snapshot 2: nothing changed, and the digests say so without any diff task.
 """
 
 import io
