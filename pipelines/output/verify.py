@@ -11,7 +11,10 @@ Three ways to check, one Report:
   and rows (`verify_files.check_file`) and emits a 64-bit hash per row key; keys are grouped on their hash and
   only colliding hashes are compared exactly (`verify_files.duplicate_keys`). Only problems and counters reach
   the driver, so its memory grows with files, never with rows.
-Both full engines run the same per-file checks and the same composition, so their Reports are equal.
+Both full engines run the same per-file checks and the same composition, so their Reports are equal. The
+Report's `checked` says what ran, as the runner saw it, not what was asked for: `engine`, the `pids` of the
+processes that checked files (the driver's own for `local`; the Ray workers' for `ray`, as each task reported it)
+and, for `ray`, the hash `buckets` the keys were spread over and how many of them held keys (`key_buckets`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import posixpath
 from typing import Any
 
@@ -28,6 +32,7 @@ from pipelines.output.reader import is_rerank, open_committed
 from pipelines.output.records import ItemCommit, RankCommit
 from pipelines.output.root import OutputRoot
 from pipelines.output.verify_files import (
+    BUCKET_ROW,
     FILE_ROW,
     KEY_BUCKET,
     KEY_KINDS,
@@ -60,7 +65,9 @@ class Report:
     problems: list[str] = dataclasses.field(default_factory=list)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     checked: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """What was checked: mode (`quick` or `full`), engine, files, rows and bytes the commits name."""
+    """What was checked: mode (`quick` or `full`), the engine that ran (and, for a full check, the `pids` that
+    checked files; for the ray engine its hash `buckets` and the `key_buckets` that held keys), files, rows and
+    bytes the commits name."""
 
     @property
     def ok(self) -> bool:
@@ -155,27 +162,30 @@ def _check_sizes(root: OutputRoot, files: list[Named], report: Report) -> None:
             report.problems.append(f"{n.ref.path}: {listed[path]} bytes, {n.owner} says {n.ref.bytes}")
 
 
-def _run_local(root: OutputRoot, files: list[Named], top_k: int | None) -> tuple[list[dict], dict]:
-    """Each file checked in the driver; duplicates counted exactly over every key."""
+def _run_local(root: OutputRoot, files: list[Named], top_k: int | None,
+               buckets: int | None) -> tuple[list[dict], dict, dict]:
+    """Each file checked in the driver; duplicates counted exactly over every key (`buckets` does not apply)."""
     results, keys = [], collections.Counter()
     for n in files:
         result, found = check_file(root.storage, n, top_k)
         results.append(result)
         for kind, values in found.items():
             keys.update((kind, k) for k in values.to_pylist())
-    return results, count_keys(keys)
+    return results, count_keys(keys), {"engine": "local", "pids": [os.getpid()]}
 
 
-def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None) -> tuple[list[dict], dict]:
-    """Each file checked in a Ray task; keys grouped on their hash; only file results and duplicate counts
-    come back to the driver."""
+def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None,
+             buckets: int | None) -> tuple[list[dict], dict, dict]:
+    """Each file checked in a Ray task; keys grouped on their hash into `buckets` (default ⌈rows ÷
+    `KEYS_PER_BUCKET`⌉); only file results, per-bucket summaries and duplicate counts come back to the driver."""
     from pipelines import graph
     from pipelines.config import RunConfig
     from pipelines.ray_runtime import stream_rows
 
+    buckets = buckets or max(1, -(-sum(n.ref.rows for n in files) // KEYS_PER_BUCKET))
+    ran: dict[str, Any] = {"engine": "ray", "pids": [], "buckets": buckets, "key_buckets": 0}
     if not files:
-        return [], {}
-    buckets = max(1, -(-sum(n.ref.rows for n in files) // KEYS_PER_BUCKET))
+        return [], {}, ran
     named = [json.dumps(n.to_json()) for n in files]
 
     def build():
@@ -183,12 +193,18 @@ def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None) -> tuple[l
                                   num_partitions=min(buckets + 1, 256), num_cpus=0.5, storage=root.storage,
                                   top_k=top_k, buckets=buckets)
 
-    results, dups = [], []
+    results, dups, checked_buckets = [], [], set()
     for row in stream_rows(build, RunConfig()):
         out = json.loads(row[VERIFY_OUT])
-        (results if FILE_ROW in out else dups).append(out.get(FILE_ROW, out))
+        if FILE_ROW in out:
+            results.append(out[FILE_ROW])
+        elif BUCKET_ROW in out:
+            checked_buckets.add(out[BUCKET_ROW])
+        else:
+            dups.append(out)
     results.sort(key=lambda r: r["i"])
-    return results, duplicate_keys(dups)
+    ran.update(pids=sorted({r.pop("pid") for r in results}), key_buckets=len(checked_buckets))
+    return results, duplicate_keys(dups), ran
 
 
 def _compose(job: dict, commits: dict[str, ItemCommit], files: list[Named], results: list[dict], dups: dict,
@@ -220,13 +236,16 @@ def _compose(job: dict, commits: dict[str, ItemCommit], files: list[Named], resu
 
 
 def verify_output(output: str, storage_options: dict[str, Any] | None = None, *, quick: bool = False,
-                  engine: str = "auto") -> Report:
+                  engine: str = "auto", buckets: int | None = None) -> Report:
     """Check every planned item is committed once, every named file matches, every row appears once.
 
     `quick`: control files and listed sizes only (no data file read). `engine`: `local` (in the driver),
-    `ray` (a Ray Data job), `auto` (local up to `AUTO_LOCAL_MAX_ROWS` named rows)."""
+    `ray` (a Ray Data job), `auto` (local up to `AUTO_LOCAL_MAX_ROWS` named rows). `buckets`: the hash buckets
+    the ray engine groups row keys into (default ⌈rows ÷ `KEYS_PER_BUCKET`⌉)."""
     if engine not in ENGINES:
         raise EmbedrankError(f"verify: engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if buckets is not None and buckets < 1:
+        raise EmbedrankError(f"verify: buckets must be at least 1, not {buckets}")
     root, job, commits = open_committed(output, storage_options)
     rerank = is_rerank(job)
     top_k = job["fingerprint"].get("top_k")
@@ -235,7 +254,7 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None, *,
     rows = sum(n.ref.rows for n in files)
     if engine == "auto":
         engine = "local" if rows <= AUTO_LOCAL_MAX_ROWS else "ray"
-    report = Report(checked={"mode": "quick" if quick else "full", "engine": "none" if quick else engine,
+    report = Report(checked={"mode": "quick" if quick else "full", "engine": "none",
                              "commits": len(commits) + len(ranks), "files": len(files), "rows": rows,
                              "bytes": sum(n.ref.bytes or 0 for n in files)})
     counts: collections.Counter = collections.Counter(items=len(job["items"]))
@@ -246,7 +265,8 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None, *,
             counts["rows"] += sum(f.rows for f in c.files)
             counts["rejected"] += 0 if c.bad_file else sum(f.rows for f in c.rejects)
     else:
-        results, dups = (_run_ray if engine == "ray" else _run_local)(root, files, top_k)
+        results, dups, ran = (_run_ray if engine == "ray" else _run_local)(root, files, top_k, buckets)
+        report.checked.update(ran)
         _compose(job, commits, files, results, dups, rerank, report, counts)
     if rerank:
         _check_rank_commits(ranks, top_k, counts["rows"], report, counts)

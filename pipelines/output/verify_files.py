@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ FILE_RESULT = "_file_result"
 VERIFY_OUT = "_verify_out"
 """What reaches the driver, as JSON: `{"file": result}` per file, or one kind's duplicate counts of a bucket."""
 FILE_ROW = "file"
+BUCKET_ROW = "bucket"
+"""The key of the one row per hash bucket that `group_keys_stage` checked: `{"bucket": b, "keys": n, "pid": p}`."""
 FILE_BUCKET = -1
 
 _COLUMNS = {"rows": ["id"], "rejected": ["id", "row"], "scores": ["_row"], "rerank_rejects": ["row"],
@@ -195,10 +198,12 @@ _OUT_SCHEMA = pa.schema([(VERIFY_OUT, pa.string())])
 @stage(needs=(VERIFY_FILE,), adds=tuple(_KEY_SCHEMA.names), drops=EVERY_COLUMN)
 def check_file_stage(batch: pa.Table, storage: Storage, top_k: int | None, buckets: int) -> pa.Table:
     """Ray Data stage: one named file in; one row with its result (bucket `FILE_BUCKET`) and one per row key
-    (its hash, and the hash's bucket) out."""
+    (its hash, and the hash's bucket) out. The result also names the process that checked the file (`pid`):
+    the evidence, in the report, that the files were checked in Ray's workers and not in the driver."""
     tables = []
     for text in batch.column(VERIFY_FILE).to_pylist():
         result, keys = check_file(storage, Named.from_json(json.loads(text)), top_k)
+        result["pid"] = os.getpid()
         tables.append(pa.Table.from_pylist([{KEY_BUCKET: FILE_BUCKET, FILE_RESULT: json.dumps(result)}],
                                            schema=_KEY_SCHEMA))
         for kind, values in keys.items():
@@ -212,8 +217,9 @@ def check_file_stage(batch: pa.Table, storage: Storage, top_k: int | None, bucke
 
 @stage(needs=tuple(_KEY_SCHEMA.names), adds=(VERIFY_OUT,), drops=EVERY_COLUMN)
 def group_keys_stage(group: pa.Table) -> pa.Table:
-    """Ray Data stage (map_groups by `KEY_BUCKET`): the file results pass on; a bucket of row keys becomes its
-    duplicate counts, comparing exact keys only among rows whose hashes collide."""
+    """Ray Data stage (map_groups by `KEY_BUCKET`): the file results pass on; a bucket of row keys becomes one
+    row saying which bucket was checked (`BUCKET_ROW`: how many keys, in which process) and its duplicate counts,
+    comparing exact keys only among rows whose hashes collide."""
     if group.num_rows and group.column(KEY_BUCKET)[0].as_py() == FILE_BUCKET:
         rows = [json.dumps({FILE_ROW: json.loads(r)}) for r in group.column(FILE_RESULT).to_pylist()]
         return pa.table({VERIFY_OUT: pa.array(rows, pa.string())})
@@ -221,5 +227,7 @@ def group_keys_stage(group: pa.Table) -> pa.Table:
     values, seen = np.unique(hashes, return_counts=True)
     colliding = group.filter(pa.array(np.isin(hashes, values[seen > 1])))
     exact = collections.Counter(zip(colliding.column(KEY_KIND).to_pylist(), colliding.column(KEY).to_pylist()))
-    rows = [json.dumps({"kind": kind, **d}) for kind, d in sorted(count_keys(exact).items())]
+    bucket = group.column(KEY_BUCKET)[0].as_py() if group.num_rows else None
+    rows = [json.dumps({BUCKET_ROW: bucket, "keys": group.num_rows, "pid": os.getpid()})]
+    rows += [json.dumps({"kind": kind, **d}) for kind, d in sorted(count_keys(exact).items())]
     return pa.Table.from_pylist([{VERIFY_OUT: r} for r in rows], schema=_OUT_SCHEMA)

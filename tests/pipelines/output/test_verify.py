@@ -5,6 +5,7 @@ One small embedding output is built per module on the session Ray; each case cor
 
 import hashlib
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -92,18 +93,24 @@ def rewrite(out, record, table):
     save(out, record)
 
 
-def both(out):
-    """The full check by both engines; their Reports must be equal."""
+def both(out, buckets=None):
+    """The full check by both engines (the ray engine's keys in `buckets` hash buckets); their Reports must be
+    equal. Each Report says the engine that ran: the local one checked every file in this process; the ray one
+    in Ray worker processes, none of them this one (a Ray Data job ran: replacing it by the local engine fails
+    here). Returns (local, ray)."""
     local = verify_output(str(out), engine="local")
-    ray = verify_output(str(out), engine="ray")
+    ray = verify_output(str(out), engine="ray", buckets=buckets)
     assert (local.checked["engine"], ray.checked["engine"]) == ("local", "ray")
+    assert local.checked["pids"] == [os.getpid()]
+    assert ray.checked["pids"] and os.getpid() not in ray.checked["pids"], ray.checked
     assert ray.problems == local.problems and ray.counts == local.counts
-    return local
+    return local, ray
 
 
 def test_a_good_output_passes_every_way_with_the_same_counts(built):
-    full = both(built)
+    full, on_ray = both(built)
     assert full.ok, full.problems
+    assert (on_ray.checked["buckets"], on_ray.checked["key_buckets"]) == (1, 1)  # 90 keys: one bucket by default
     assert full.counts == {"items": 6, "committed_items": 6, "rows": SHARDS * ROWS - 1, "rejected": 1,
                            "unique_ids": SHARDS * ROWS, "orphans": 0, "pending_uploads": 0}
     quick = verify_output(str(built), quick=True)
@@ -119,6 +126,7 @@ def test_each_corruption_is_found_by_both_engines_with_the_same_text(built, tmp_
     out = copy(built, tmp_path)
     source, dup, bad_sum, gone, short = list(commits(out).values())[:5]
     first_id = pq.read_table(out / source["files"][0]["path"]).column("id")[0].as_py()
+    assert first_id not in pq.read_table(out / dup["files"][0]["path"]).column("id").to_pylist()
     table = pq.read_table(out / dup["files"][0]["path"])
     rewrite(out, dup, table.set_column(0, "id", pa.array([first_id] + table.column("id").to_pylist()[1:])))
     path = out / bad_sum["files"][0]["path"]
@@ -126,7 +134,10 @@ def test_each_corruption_is_found_by_both_engines_with_the_same_text(built, tmp_
     (out / gone["files"][0]["path"]).unlink()
     rewrite(out, short, pq.read_table(out / short["files"][0]["path"]).slice(1))
 
-    report = both(out)
+    # the duplicate's two rows sit in two files of two commits; the ray engine spreads the keys over 16 hash
+    # buckets, and the two rows must still meet in one (grouping by file, or by anything but the key, misses it)
+    report, on_ray = both(out, buckets=16)
+    assert on_ray.checked["buckets"] == 16 and on_ray.checked["key_buckets"] > 1, on_ray.checked
     lost, rows = gone["files"][0]["rows"], short["files"][0]["rows"]
     assert sorted(report.problems) == sorted([
         f"{bad_sum['files'][0]['path']}: checksum differs from commit {bad_sum['item']}",
@@ -213,7 +224,7 @@ def test_exact_keys_decide_where_hashes_collide():
     group = pa.table({KEY_BUCKET: [0] * 5, KEY_HASH: [7, 7, 9, 9, 9], KEY_KIND: ["id"] * 5,
                       KEY: ["a", "b", "c", "c", "d"], FILE_RESULT: pa.nulls(5, pa.string())})
     out = [json.loads(r) for r in group_keys_stage(group).column(VERIFY_OUT).to_pylist()]
-    assert out == [{"kind": "id", "keys": 1, "extra": 1, "example": "c"}]
+    assert out == [{"bucket": 0, "keys": 5, "pid": os.getpid()}, {"kind": "id", "keys": 1, "extra": 1, "example": "c"}]
 
 
 def test_a_rank_file_must_hold_whole_queries_ranked_once(tmp_path):

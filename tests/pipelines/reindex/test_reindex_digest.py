@@ -1,12 +1,13 @@
 """Items kept by content digest, and the per-file carry, on local disk and the session's Ray.
 
-Snapshot 2 renames file a (same bytes), re-exports file b (same content, new bytes), edits c3 and moves c15
-from file c to a new file d. The renamed and re-exported items are kept by reference through their digests
-(no row of theirs read by the build, none embedded); c's items are rebuilt carrying their unchanged vectors
-from c's own base files; c15 carries its vector from c's base file into d's item. Counts come from a plain
-dict diff (the oracle); the version equals a full re-embed of snapshot 2 bit for bit (each row embedded alone,
-`max_batch_tokens: 1`, see test_reindex.py). Snapshot 3 renames every file of snapshot 2: nothing changed,
-and the digests say so without any diff task.
+Snapshot 2 renames file a (same bytes), re-exports file b (the same rows in other bytes: zstd instead of
+snappy, row groups of 5 instead of 10, each item's rows in reverse order; items are cut at 10 rows either way),
+edits c3 and moves c15 from file c to a new file d. The renamed and re-exported items are kept by reference
+through their digests (no row of theirs read by the build, none embedded; b's vectors are v1's bit for bit);
+c's items are rebuilt carrying their unchanged vectors from c's own base files; c15 carries its vector from c's
+base file into d's item. Counts come from a plain dict diff (the oracle); the version equals a full re-embed of
+snapshot 2 bit for bit (each row embedded alone, `max_batch_tokens: 1`, see test_reindex.py). Snapshot 3 renames
+every file of snapshot 2: nothing changed, and the digests say so without any diff task.
 """
 
 import io
@@ -14,6 +15,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -68,13 +70,21 @@ def test_renamed_and_reexported_files_are_kept_by_digest_and_moved_documents_car
     index_url = str(tmp_path / "index")
     v1, log = reindex(snap1, index_url, tiny_embedding_model)
     assert v1["published"] == "v000001" and v1["embedded_rows"] == 60, log
+    before = read_committed(index_url).sort_by("id")
 
     docs2 = {**docs, "c3": _text("c3", edit=True), **{f"d{i}": _text(f"d{i}") for i in range(5)}}
     (tmp_path / "snap2").mkdir()
     shutil.copy(tmp_path / "snap1" / "a.parquet", tmp_path / "snap2" / "a-renamed.parquet")  # same bytes, new name
-    write(tmp_path / "snap2" / "tmp", {"b": s1["b"]}, docs)  # b re-exported: same content, a new file
-    shutil.move(tmp_path / "snap2" / "tmp" / "b.parquet", tmp_path / "snap2" / "b.parquet")
-    (tmp_path / "snap2" / "tmp").rmdir()
+    # b re-exported: the same rows, other compression, other row groups, each item's rows in another order
+    b2 = s1["b"][:10][::-1] + s1["b"][10:][::-1]
+    pq.write_table(pa.table({"doc_id": b2, "text": [docs[i] for i in b2]}), tmp_path / "snap2" / "b.parquet",
+                   row_group_size=5, compression="zstd")
+    old_b, new_b = (pq.ParquetFile(tmp_path / snap / "b.parquet") for snap in ("snap1", "snap2"))
+    assert (tmp_path / "snap1" / "b.parquet").read_bytes() != (tmp_path / "snap2" / "b.parquet").read_bytes()
+    assert (old_b.metadata.num_row_groups, new_b.metadata.num_row_groups) == (2, 4)
+    assert {old_b.metadata.row_group(0).column(0).compression, new_b.metadata.row_group(0).column(0).compression} \
+        == {"SNAPPY", "ZSTD"}
+    assert old_b.read().column("doc_id").to_pylist() != new_b.read().column("doc_id").to_pylist()
     c2 = [d for d in s1["c"] if d != "c15"]
     for name, ids in {"c": c2, "d": [f"d{i}" for i in range(5)] + ["c15"]}.items():
         pq.write_table(pa.table({"doc_id": ids, "text": [docs2[i] for i in ids]}),
@@ -107,6 +117,13 @@ def test_renamed_and_reexported_files_are_kept_by_digest_and_moved_documents_car
                                                                                           (10, 9, None)]
     assert [(c.rows, c.carried) for c in by_source["d.parquet"]] == [(6, 1)]
     assert verify_output(index_url).ok
+    # the re-exported b's rows are v1's rows: the same ids, vectors bit for bit, token counts
+    b_ids = pa.array(sorted(s1["b"]))
+    now = read_committed(index_url).sort_by("id")
+    kept_b, was_b = (t.filter(pc.is_in(t.column("id"), b_ids)) for t in (now, before))
+    assert kept_b.column("id").to_pylist() == sorted(s1["b"]) == was_b.column("id").to_pylist()
+    assert vectors(kept_b).tobytes() == vectors(was_b).tobytes()
+    assert kept_b.column("n_tokens").equals(was_b.column("n_tokens"))
     digests = index.digests("v000002")
     assert set(digests) == set(commits) and len(set(digests.values())) == 7
 
