@@ -16,7 +16,8 @@ from sentence_transformers.util.quantization import quantize_embeddings
 from common.errors import OutputError
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.reader import read_committed
+from pipelines.output.reader import open_dataset, read_committed
+from pipelines.output.report import REPORT_FILE
 from pipelines.output.verify import verify_output
 from pipelines.reindex.config import ReindexJobConfig
 from pipelines.reindex.job import run_reindex
@@ -72,6 +73,8 @@ def test_three_dtypes_one_pass_calibrated_recorded_refused_read_and_carried(ray_
         "f32": pa.list_(pa.float32(), 64), "h": pa.list_(pa.float16(), 64), "q": pa.list_(pa.int8(), 32),
         "bits": pa.list_(pa.uint8(), 8), "sbits": pa.list_(pa.int8(), 4)}
     assert verify_output(out).ok
+    report = (tmp_path / "out" / REPORT_FILE).read_text()
+    assert "f32 float32[full], h float16[full], q int8[32] (ranges " in report and "bits ubinary[full]" in report
 
     job = json.loads((tmp_path / "out" / "_job.json").read_text())
     q_cfg = next(v for v in job["config"]["output"]["vectors"] if v["column"] == "q")
@@ -108,7 +111,7 @@ def test_three_dtypes_one_pass_calibrated_recorded_refused_read_and_carried(ray_
 
     import lancedb  # LanceDB searches the packed bits by hamming distance
     db = lancedb.connect(str(tmp_path / "lance"))
-    tbl = db.create_table("docs", table.select(["id", "bits"]))
+    tbl = db.create_table("docs", open_dataset(out).scanner(columns=["id", "bits"]).to_reader())
     query = matrix(table, "bits")[5]
     hits = tbl.search(query, vector_column_name="bits").distance_type("hamming").limit(3).to_arrow()
     bits = np.unpackbits(matrix(table, "bits"), axis=1)
