@@ -9,6 +9,7 @@ from __future__ import annotations
 from actors import startup  # first: it times this module's imports (torch, transformers) for the job summary
 
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from actors.batching import MIN_BUCKET_TOKENS, BatchStats, packed_row_tokens, pa
 from actors.budget import AdaptiveBudget, BudgetedModel
 from actors.loading import config_pad_id, load_model, placement, resolve_model_path
 from actors.pooling import last_token_pool, normalize
+from actors.quantize import CALIBRATED, vector_columns
 from actors.settings import EmbedSettings
 from actors.tokenize import arrow_to_ids
 from common import failpoints  # dependency-free; inert unless a test names it
@@ -166,7 +168,8 @@ def vectors_to_arrow(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeList
 
 
 class EmbedReplica:
-    """Ray Data stage (actor): a table with `input_ids` in, the same rows with `embedding` out.
+    """Ray Data stage (actor): a table with `input_ids` in, the same rows with `embedding` out (or, with
+    `settings.vectors`, each configured column, all from the one pooled vector: `actors.quantize`).
 
     Rows without tokens (rejected upstream) get a zero vector that the writer never stores. The first output
     batch also carries the replica's start-up report (`actors.startup`), every later one nulls.
@@ -181,6 +184,15 @@ class EmbedReplica:
                                  batch_overhead_tokens=s.batch_overhead_tokens, packed=s.packed,
                                  token_buckets=s.token_buckets)
         self.vector_dtype = s.vector_dtype
+        self.vectors = None
+        if s.vectors is not None:
+            self.vectors = [dataclasses.replace(v, dimensions=v.dimensions or self.embedder.dim) for v in s.vectors]
+            too_wide = [v.column for v in self.vectors if v.dimensions > self.embedder.dim]
+            if too_wide:
+                raise ModelLoadError(f"vectors {too_wide}: dimensions exceed the pooled width {self.embedder.dim}")
+            uncalibrated = [v.column for v in self.vectors if v.dtype in CALIBRATED and v.ranges is None]
+            if uncalibrated:
+                raise ModelLoadError(f"vectors {uncalibrated}: int8/uint8 columns need calibration ranges")
         self._startup.ready()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -189,6 +201,10 @@ class EmbedReplica:
         values, offsets = arrow_to_ids(table.column(INPUT_IDS))
         vectors, padded = self.embedder.embed_ids_padded(values, offsets)
         table = table.drop_columns([INPUT_IDS])
-        return (table.append_column(EMBEDDING, vectors_to_arrow(vectors, self.vector_dtype))
-                .append_column(PADDED, pa.array(padded, pa.int64()))
+        if self.vectors is None:
+            table = table.append_column(EMBEDDING, vectors_to_arrow(vectors, self.vector_dtype))
+        else:
+            for name, column in vector_columns(vectors, self.vectors).items():
+                table = table.append_column(name, column)
+        return (table.append_column(PADDED, pa.array(padded, pa.int64()))
                 .append_column(REPLICA_STARTUP, self._startup.column(table.num_rows)))

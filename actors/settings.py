@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from actors.quantize import VectorSpec
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReplicaSettings:
@@ -45,6 +47,9 @@ class EmbedSettings(ReplicaSettings):
     """Keep the first N dimensions, then re-normalise; None = full size."""
     vector_dtype: str = "float32"
     """Element type of the vectors the replica returns: float32 or float16."""
+    vectors: list[VectorSpec] | None = None
+    """Several columns from the pooled vector (`actors.quantize`), replacing the single `embedding` of
+    `vector_dtype`; a spec's `dimensions` None is the pooled width."""
     packed: bool | None = None
     """Padding-free forward passes (micro-batches packed into one sequence, variable-length attention);
     None = where a varlen kernel works (a GPU in bfloat16/float16), padded batches elsewhere."""

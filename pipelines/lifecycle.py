@@ -76,6 +76,9 @@ class Work:
     prefetch: Callable[[], Any] | None = None
     """Called as soon as the run knows it has items to process, before Ray starts (`Prefetched.start`)."""
     reject_id_columns: tuple[str, ...] = ("id",)
+    recorded: dict[str, Any] | None = None
+    """The config `_job.json` records, where `prepare` completed it (int8/uint8 calibration ranges); None: the
+    run's config as given."""
     state: Any = None
     """Whatever the job's own steps pass each other (a reindex: its base, target version and diff counts)."""
 
@@ -160,7 +163,8 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
         work = spec.prepare(cfg, plan, stream)
         if isinstance(work, dict):
             return work
-        outcome = process_items(plan=plan, work=work, recorded=recorded_config(cfg), run=cfg.run, label=spec.name,
+        recorded = work.recorded if work.recorded is not None else recorded_config(cfg)
+        outcome = process_items(plan=plan, work=work, recorded=recorded, run=cfg.run, label=spec.name,
                                 stream=stream, startup=startup, target_file_mb=target_file_mb(cfg),
                                 io_num_cpus=cfg.compute.io_num_cpus)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),

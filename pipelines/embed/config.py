@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from actors.quantize import CALIBRATED, VectorSpec
 from actors.settings import EmbedSettings
-from common.columns import ID, TEXT
+from common.columns import CONTENT_HASH, EMBEDDING, ID, N_TOKENS, TEXT, TRUNCATED
 from pipelines.config import (FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, model_path_field,
                               storage_options_field, target_file_mb_field)
 
@@ -49,9 +50,105 @@ class ModelConfig(ModelConfigBase):
         "repeat (for CUDA graphs / compile; unmeasured so far, so off).")
 
 
-class OutputConfig(Strict):
+VectorDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+
+
+class VectorOutput(Strict):
+    """One stored vector column, computed from the same forward pass as every other."""
+
+    column: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Output column name.")
+    dimensions: int | None = Field(
+        None, gt=0, description="Matryoshka width: the first N values of the pooled vector, L2 re-normalised; "
+        "null = the pooled width (model.dimensions, else the model's size).")
+    dtype: VectorDtype = Field(
+        "float32", description="Stored element type: float32/float16; int8/uint8 (per-dimension ranges cut in 255 "
+        "steps, as sentence-transformers' quantize_embeddings); binary (int8) / ubinary (uint8): packed sign bits "
+        "(value > 0), dimensions/8 bytes.")
+    ranges: list[list[float]] | None = Field(
+        None, description="int8/uint8 only: [[min per dimension], [max per dimension]] (needs `dimensions`). Null = "
+        "calibrated once per output from the first `output.calibration_rows` documents of the plan and recorded in "
+        "_job.json and the fingerprint (resumes and reindex versions reuse them).")
+
+    @model_validator(mode="after")
+    def _ranges_fit(self) -> "VectorOutput":
+        if self.ranges is None:
+            return self
+        if self.dtype not in CALIBRATED:
+            raise ValueError(f"vector {self.column!r}: ranges apply to int8/uint8 only, not {self.dtype}")
+        if self.dimensions is None or len(self.ranges) != 2 or any(len(r) != self.dimensions for r in self.ranges):
+            raise ValueError(f"vector {self.column!r}: ranges must be [[min]*dimensions, [max]*dimensions] with "
+                             "dimensions set")
+        return self
+
+    def spec(self) -> VectorSpec:
+        ranges = None if self.ranges is None else (tuple(self.ranges[0]), tuple(self.ranges[1]))
+        return VectorSpec(self.column, self.dimensions, self.dtype, ranges)
+
+
+RESERVED_COLUMNS = (ID, N_TOKENS, TRUNCATED, CONTENT_HASH)
+
+
+class VectorOutputs(Strict):
+    """Which vector columns an output stores: one `embedding` of `vector_dtype` (the default), or `vectors`."""
+
+    vector_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Stored element type of the single `embedding` column (without `vectors`).")
+    vectors: list[VectorOutput] | None = Field(
+        None, min_length=1, description="Several vector columns from one forward pass (Matryoshka widths, "
+        "float16/int8/uint8/binary/ubinary), each `{column, dimensions, dtype}`; null = one `embedding` column "
+        "of `vector_dtype` at the pooled width.")
+    calibration_rows: int = Field(
+        1000, gt=1, description="int8/uint8 columns without `ranges`: how many documents (the plan's first) "
+        "calibrate each dimension's [min, max].")
+
+    @model_validator(mode="after")
+    def _vectors_fit(self) -> "VectorOutputs":
+        if self.vectors is None:
+            return self
+        if "vector_dtype" in self.model_fields_set:
+            raise ValueError("set either vector_dtype (one `embedding` column) or vectors, not both")
+        names = [v.column for v in self.vectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"vectors: column names must be unique, got {names}")
+        clash = sorted(set(names) & set(RESERVED_COLUMNS))
+        if clash:
+            raise ValueError(f"vectors: {clash} name columns the output has already")
+        return self
+
+    def vector_specs(self) -> list[VectorSpec] | None:
+        """The configured columns (None: the single default column)."""
+        return None if self.vectors is None else [v.spec() for v in self.vectors]
+
+    def vector_column_names(self) -> list[str]:
+        return [EMBEDDING] if self.vectors is None else [v.column for v in self.vectors]
+
+    def needs_calibration(self) -> list[VectorOutput]:
+        """Calibrated columns whose ranges are not known yet."""
+        return [v for v in self.vectors or [] if v.dtype in CALIBRATED and v.ranges is None]
+
+    def with_ranges(self, ranges: dict[str, list[list[float]]]):
+        """A copy whose calibrated columns carry `ranges` (column → [[min], [max]]) and their width."""
+        vectors = [v.model_copy(update={"ranges": ranges[v.column], "dimensions": len(ranges[v.column][0])})
+                   if v.column in ranges else v for v in self.vectors or []]
+        return self.model_copy(update={"vectors": vectors})
+
+    def vectors_fingerprint(self) -> dict[str, Any]:
+        """What the fingerprint adds for `vectors` (nothing without: the default output's fingerprint is as
+        before). Ranges by digest (`_job.json` keeps the values)."""
+        if self.vectors is None:
+            return {}
+        from actors.quantize import ranges_digest
+
+        out: dict[str, Any] = {"vectors": [{"column": v.column, "dimensions": v.dimensions, "dtype": v.dtype,
+                                            **({"ranges": ranges_digest(v.ranges)} if v.dtype in CALIBRATED else {})}
+                                           for v in self.vectors]}
+        if any(v.dtype in CALIBRATED for v in self.vectors):
+            out["calibration_rows"] = self.calibration_rows
+        return out
+
+
+class OutputConfig(VectorOutputs):
     path: str = Field(description="Output root (local path or fsspec URL); holds data/, _commits/, _rejects/.")
-    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
     partition_by: str | None = Field(
         None,
         description="A pass-through column whose value names a Hive-style folder of data/: "
@@ -78,10 +175,14 @@ class EmbedJobConfig(EmbeddingJobBase):
         if column is not None and column not in self.input.passthrough_columns:
             raise ValueError(f"output.partition_by {column!r} must be one of input.passthrough_columns "
                              f"{list(self.input.passthrough_columns)}")
+        clash = sorted(set(self.output.vector_column_names()) & set(self.input.passthrough_columns))
+        if self.output.vectors is not None and clash:
+            raise ValueError(f"output.vectors: {clash} are pass-through columns too")
         return self
 
     def replica_settings(self, model_digest: str | None) -> EmbedSettings:
         """What each embedding replica loads and how it runs."""
         return EmbedSettings(**self._replica_fields(model_digest), dimensions=self.model.dimensions,
-                             vector_dtype=self.output.vector_dtype, packed=self.model.packed,
+                             vector_dtype=self.output.vector_dtype, vectors=self.output.vector_specs(),
+                             packed=self.model.packed,
                              token_buckets=self.model.token_buckets)

@@ -8,7 +8,8 @@ from pipelines import __version__
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.fingerprint import model_identity
 from pipelines.input.plan import Plan
-from pipelines.lifecycle import JobSpec, Prefetched, Work
+from pipelines.embed.calibration import calibrated, sample_items, sample_ranges
+from pipelines.lifecycle import JobSpec, Prefetched, Work, recorded_config
 from pipelines.output.root import OutputRoot
 from pipelines.preflight import preflight_model
 from pipelines.storage import Storage
@@ -29,6 +30,7 @@ def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
         "max_length": m.max_length,
         "vector_dtype": cfg.output.vector_dtype,
         "partition_by": cfg.output.partition_by,
+        **cfg.output.vectors_fingerprint(),
         "embedrank_version": __version__,
     }
 
@@ -47,6 +49,12 @@ class EmbedJob(JobSpec):
         root = OutputRoot(self.lock_storage(cfg))
         fingerprint = embed_fingerprint(cfg)
         tokenizer = Prefetched(lambda: _tokenizer_args(cfg, fingerprint))
+        if cfg.output.needs_calibration():
+            output = calibrated(cfg.output, [("recorded in _job.json", root.read_job_header(), "output")],
+                                lambda o: embed_fingerprint(cfg.model_copy(update={"output": o})),
+                                lambda needed: calibrate(cfg, plan, fingerprint, tokenizer.get(), needed), stream)
+            cfg = cfg.model_copy(update={"output": output})
+            fingerprint = embed_fingerprint(cfg)
 
         def build_graph(items):
             args = tokenizer.get()  # the prefetch imported the graph module too
@@ -55,7 +63,19 @@ class EmbedJob(JobSpec):
             return build_embed_graph(cfg, items, root.storage, fingerprint, tokenizer=args)
 
         return Work(root=root, source=cfg.input, fingerprint=fingerprint, build_graph=build_graph,
-                    prefetch=tokenizer.start)
+                    prefetch=tokenizer.start, recorded=recorded_config(cfg))
+
+
+def calibrate(cfg: EmbedJobConfig, plan: Plan, fingerprint: dict[str, Any], tokenizer: dict[str, Any],
+              needed) -> dict[str, list[list[float]]]:
+    """Ranges of the `needed` int8/uint8 columns from the plan's first `output.calibration_rows` documents,
+    embedded by the job's own replicas (a graph run before the main pass; `pipelines.embed.calibration`)."""
+    from pipelines.embed.graph import build_calibration_graph
+    from pipelines.ray_runtime import stream_rows
+
+    items = sample_items(plan.items, cfg.output.calibration_rows)
+    rows = stream_rows(lambda: build_calibration_graph(cfg, items, fingerprint, tokenizer), cfg.run)
+    return sample_ranges(rows, items, needed, cfg.output.calibration_rows)
 
 
 def _tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:

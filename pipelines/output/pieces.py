@@ -20,7 +20,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from common import failpoints
-from common.columns import CARRIED, CARRY_EMBEDDING, EMBEDDING, ITEM, ITEM_ROWS, N_TOKENS, REJECT, REPLICA_STARTUP, ROW
+from common.columns import CARRIED, CARRY_PREFIX, ITEM, ITEM_ROWS, N_TOKENS, REJECT, REPLICA_STARTUP, ROW
 from pipelines.output.control import epoch_tag
 from pipelines.output.records import FileRef, Piece
 from pipelines.stages import EVERY_COLUMN, stage
@@ -76,11 +76,14 @@ def _parquet_bytes(table: pa.Table, fingerprint_json: str | None) -> bytes:
 
 
 def _vector_encoding(schema: pa.Schema) -> dict:
-    """Vector columns (fixed-size lists of floats) are written without a dictionary or statistics (neither can
-    help random floats: the dictionary is built, then dropped, per row group), and float32 values byte-stream-
-    split, which zstd then compresses: for 1024-d float32 unit vectors ~9% smaller files, read 2-4x faster
-    (`python -m benchmarks.file_layout`). Every other column keeps Parquet's defaults."""
-    vectors = [f for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
+    """Vector columns (fixed-size lists of floats, or of int8/uint8: quantised and packed-bit vectors) are
+    written without a dictionary or statistics (neither can help random values: the dictionary is built, then
+    dropped, per row group), and float32 values byte-stream-split, which zstd then compresses: for 1024-d
+    float32 unit vectors ~9% smaller files, read 2-4x faster (`python -m benchmarks.file_layout`). Every other
+    column keeps Parquet's defaults."""
+    vectors = [f for f in schema if pa.types.is_fixed_size_list(f.type)
+               and (pa.types.is_floating(f.type.value_type) or pa.types.is_int8(f.type.value_type)
+                    or pa.types.is_uint8(f.type.value_type))]
     if not vectors:
         return {}
     others = [f.name for f in schema if f not in vectors]
@@ -97,19 +100,27 @@ def _matrix(vectors: pa.FixedSizeListArray) -> np.ndarray:
 
 
 def use_carried_vectors(table: pa.Table) -> pa.Table:
-    """Rows with a carried vector (`_carry_embedding`) take it as their `embedding` and are flagged `_carried`."""
-    if CARRY_EMBEDDING not in table.column_names:
+    """Rows with carried vectors (`_carry_<column>` for each vector column: `_carry_embedding`, or each of
+    `output.vectors`) take them as their `<column>` and are flagged `_carried`. Every carried column has the
+    same valid rows (the carry sets all of a row's columns or none)."""
+    carry = [c for c in table.column_names if c.startswith(CARRY_PREFIX)
+             and c[len(CARRY_PREFIX):] in table.column_names]
+    if not carry:
         return table
-    carried = table.column(CARRY_EMBEDDING)
-    mask = carried.is_valid().to_numpy(zero_copy_only=False)
-    table = table.drop_columns([CARRY_EMBEDDING]).append_column(CARRIED, pa.array(mask))
-    if not mask.any():
-        return table
-    emb = table.column(EMBEDDING).combine_chunks()
-    values = _matrix(emb).copy()
-    values[mask] = _matrix(carried.combine_chunks())[mask]
-    fixed = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), emb.type.value_type), emb.type.list_size)
-    return table.set_column(table.schema.get_field_index(EMBEDDING), EMBEDDING, fixed)
+    mask = table.column(carry[0]).is_valid().to_numpy(zero_copy_only=False)
+    for name in carry:
+        column = name[len(CARRY_PREFIX):]
+        carried = table.column(name)
+        table = table.drop_columns([name])
+        if not mask.any():
+            continue
+        emb = table.column(column).combine_chunks()
+        values = _matrix(emb).copy()
+        values[mask] = _matrix(carried.combine_chunks().cast(emb.type))[mask]
+        fixed = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), emb.type.value_type),
+                                                  emb.type.list_size)
+        table = table.set_column(table.schema.get_field_index(column), column, fixed)
+    return table.append_column(CARRIED, pa.array(mask))
 
 
 def put_piece(storage: Storage, folder: str, stem: str, table: pa.Table, fingerprint_json: str | None,

@@ -101,6 +101,17 @@ def rejects_plot(reasons: dict[str, int], files: int) -> str:
     return _png(fig)
 
 
+def vector_columns_line(fp: dict[str, Any]) -> str:
+    """The stored vector columns as the fingerprint names them: `name dtype[dims]` each (the default output: the
+    single `embedding` of `vector_dtype`; "-" for jobs without vectors)."""
+    if "vectors" in fp:
+        return ", ".join(f"{v['column']} {v['dtype']}[{v['dimensions'] or 'full'}]"
+                         + (f" (ranges {v['ranges']})" if v.get("ranges") else "") for v in fp["vectors"])
+    if fp.get("task") == "embed":
+        return f"embedding {fp.get('vector_dtype', 'float32')}[{fp.get('dimensions') or 'full'}]"
+    return "-"
+
+
 def render(job: dict[str, Any], commits: list[ItemCommit], wall_s: float | None) -> str:
     """The report page for a job whose commits are `commits` and whose last run took `wall_s` seconds."""
     sums = Totals.of(commits)
@@ -109,6 +120,7 @@ def render(job: dict[str, Any], commits: list[ItemCommit], wall_s: float | None)
     fp = job["fingerprint"]
     rows = [
         ("task", fp.get("task")), ("model", fp.get("model")), ("revision", fp.get("revision") or "-"),
+        ("vector columns", vector_columns_line(fp)),
         ("work items", f"{len(commits):,} of {plan_store.header(job)['items']:,}"),
         ("rows committed", f"{sums.rows:,}"),
         ("rows rejected", f"{sums.rejected:,}"),

@@ -7,13 +7,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipelines.config import Strict, storage_options_field
-from pipelines.embed.config import EmbedJobConfig, EmbeddingJobBase, OutputConfig
+from pipelines.embed.config import EmbedJobConfig, EmbeddingJobBase, OutputConfig, VectorOutputs
 
 
-class IndexConfig(Strict):
+class IndexConfig(VectorOutputs):
     path: str = Field(description="Index root (local path or fsspec URL): holds v000001/, v000002/, … and "
                       "_CURRENT.json, which names the version readers see.")
-    vector_dtype: Literal["float32", "float16"] = Field("float32", description="Stored element type of vectors.")
     storage_options: dict[str, Any] | None = storage_options_field("the index filesystem")
     diff_partitions: int = Field(
         16, gt=0, description="Unused, accepted so that older configs still load: the diff and the carry no longer "
@@ -42,6 +41,8 @@ class ReindexJobConfig(EmbeddingJobBase):
         """The embedding job that builds one version (same fingerprint rules as `embedrank embed`)."""
         return EmbedJobConfig(
             input=self.input, model=self.model, compute=self.compute, run=self.run,
-            output=OutputConfig(path=version_url, vector_dtype=self.index.vector_dtype,
+            output=OutputConfig(path=version_url, **self.index.model_dump(
+                                    include={"vector_dtype", "vectors", "calibration_rows"}
+                                    & self.index.model_fields_set),
                                 storage_options=self.index_storage_options),
         )

@@ -36,7 +36,8 @@ from common.errors import OutputError
 from pipelines.embed.job import embed_fingerprint
 from pipelines.fingerprint import describe_difference, fingerprint_id
 from pipelines.input.plan import Plan, WorkItem
-from pipelines.lifecycle import ItemsOutcome, JobSpec, Work
+from pipelines.embed.calibration import calibrated
+from pipelines.lifecycle import ItemsOutcome, JobSpec, Work, recorded_config
 from pipelines.output.records import ItemCommit, Totals
 from pipelines.preflight import preflight_model
 from pipelines.progress import format_duration
@@ -70,6 +71,7 @@ class _Base:
         self.fingerprint: dict[str, Any] = {}
         self.commits: dict[str, ItemCommit] = {}
         self.digests: dict[str, str] = {}
+        self.job: dict[str, Any] | None = None
         if self.name is None:
             return
         root = index.version_root(self.name)
@@ -77,6 +79,7 @@ class _Base:
         if job is None:
             raise OutputError(f"{index.storage.url}: {CURRENT_FILE} names {self.name}, which has no _job.json; "
                               "the index is damaged (was the version deleted by hand?)")
+        self.job = job
         self.fingerprint = job["fingerprint"]
         self.fingerprint_id = job["fingerprint_id"]
         self.commits = root.read_planned_commits()
@@ -155,13 +158,33 @@ def _phase_line(phases: dict[str, float]) -> str:
     return "reindex: time by phase: " + " · ".join(f"{p} {phases.get(p, 0.0):.1f}s" for p in PHASES)
 
 
-def _vector_type(index: IndexRoot, carry_from: dict[str, list[str]]) -> pa.DataType | None:
-    """The stored vector type of the base (read from one base file's footer); None: no base file to carry from."""
+def _vector_types(index: IndexRoot, carry_from: dict[str, list[str]],
+                  columns: list[str]) -> dict[str, pa.DataType] | None:
+    """The stored type of each vector column of the base (read from one base file's footer); None: no base file
+    to carry from. The base has the same columns: its fingerprint, which names them, is this run's."""
     path = next((p for paths in carry_from.values() for p in paths), None)
     if path is None:
         return None
     with index.storage.fs.open(index.storage.path(path), "rb") as f:
-        return pq.read_schema(f).field("embedding").type
+        schema = pq.read_schema(f)
+    return {c: schema.field(c).type for c in columns}
+
+
+def _calibrated(cfg: ReindexJobConfig, plan: Plan, base: _Base, index: IndexRoot, stream: TextIO):
+    """`cfg.index` with int8/uint8 ranges: the current version's where they reproduce its fingerprint (the same
+    model and settings: unchanged documents carry their quantised vectors), else calibrated on this snapshot."""
+    from pipelines.embed.graph import tokenizer_args
+    from pipelines.embed.job import calibrate
+
+    def fingerprint_of(index_cfg):
+        return embed_fingerprint(cfg.model_copy(update={"index": index_cfg}).embed_config(index.storage.url))
+
+    def compute(needed):
+        embed_cfg = cfg.embed_config(index.storage.url)
+        fingerprint = embed_fingerprint(embed_cfg)
+        return calibrate(embed_cfg, plan, fingerprint, tokenizer_args(embed_cfg, fingerprint), needed)
+
+    return calibrated(cfg.index, [(f"of {base.name}", base.job, "index")], fingerprint_of, compute, stream)
 
 
 class ReindexJob(JobSpec):
@@ -197,6 +220,8 @@ class ReindexJob(JobSpec):
         index = self._index(cfg)
         index.claim()  # before anything is discarded, built or published: a late publish fails its If-Match
         base = _Base(index)
+        if cfg.index.needs_calibration():
+            cfg = cfg.model_copy(update={"index": _calibrated(cfg, plan, base, index, stream)})
         fingerprint = embed_fingerprint(cfg.embed_config(index.storage.url))
         fp_id = fingerprint_id(fingerprint)
         same_model = base.name is not None and base.fingerprint_id == fp_id
@@ -263,12 +288,14 @@ class ReindexJob(JobSpec):
         if same_model:
             carry_from = {i.item_id: sorted(set(by_source.get(i.rel, [])) | set(moved.get(i.item_id, [])))
                           for i in rebuild}
-        vector_type = _vector_type(index, carry_from) if carry_from else None
+        vector_types = (_vector_types(index, carry_from, embed_cfg.output.vector_column_names())
+                        if carry_from else None)
         rebased = {item: c.by_reference(lambda path: rebase(path, base.name, target), base.name)
                    for item, c in kept.items()}
         return Work(root=vroot, source=cfg.input, fingerprint=fingerprint, reused=rebased,
+                    recorded=recorded_config(cfg),
                     build_graph=lambda todo: build_reindex_graph(embed_cfg, todo, vroot.storage, fingerprint, fp_id,
-                                                                 carry_from, index.storage, vector_type),
+                                                                 carry_from, index.storage, vector_types),
                     state=attempt)
 
     def after_items(self, cfg: ReindexJobConfig, work: Work, outcome: ItemsOutcome, stream: TextIO) -> Totals:

@@ -27,11 +27,10 @@ import pyarrow.parquet as pq
 
 from actors.tokenize import tokenize_batch
 from common.columns import (
-    CARRY_EMBEDDING,
+    CARRY_PREFIX,
     CONTENT_DIGEST,
     CONTENT_HASH,
     DIFF_JSON,
-    EMBEDDING,
     ID,
     INPUT_IDS,
     ITEM,
@@ -50,8 +49,8 @@ from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
 
 CHANGE_KINDS = ("new", "changed", "unchanged", "deleted", "rejected")
-CARRIED_FROM_BASE = (EMBEDDING, N_TOKENS, TRUNCATED)
-"""What a carried row takes from the current version."""
+CARRIED_COUNTS = (N_TOKENS, TRUNCATED)
+"""What a carried row takes from the current version besides its vector columns."""
 CARRY_N_TOKENS, CARRY_TRUNCATED = "_carry_n_tokens", "_carry_truncated"
 """Carried counts, internal to `carry_locally` (they never leave it)."""
 
@@ -168,9 +167,10 @@ def diff_file(batch: pa.Table, cfg: InputConfig, fingerprint_id: str, storage: S
     return pa.table({DIFF_JSON: pa.array(out, pa.string())})
 
 
-def _carried(rows: pa.Table, storage: Storage, paths: list[str], vector_type: pa.DataType) -> dict[str, pa.Array]:
-    """Per row of `rows`: the base's vector, token count and truncation flag where a base file listed in `paths`
-    holds the same id with the same content hash (null elsewhere). Ids and hashes are read from every listed
+def _carried(rows: pa.Table, storage: Storage, paths: list[str],
+             vector_types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """Per row of `rows`: the base's vectors (every column of `vector_types`), token count and truncation flag
+    where a base file listed in `paths` holds the same id with the same content hash (null elsewhere). Ids and hashes are read from every listed
     file; vectors only from the files that hold a match, and only the matched rows are kept."""
     n = rows.num_rows
     keys = pa.table({ID: pc.cast(rows.column(ID), pa.string()), "_base_hash": rows.column(CONTENT_HASH),
@@ -187,22 +187,23 @@ def _carried(rows: pa.Table, storage: Storage, paths: list[str], vector_type: pa
         files, positions = matched.column("_file").to_numpy(), matched.column("_pos").to_numpy()
         at[matched.column("_at").to_numpy()] = np.arange(matched.num_rows)
         for f in np.unique(files):
-            t = _read_file(storage, paths[int(f)], list(CARRIED_FROM_BASE))
+            t = _read_file(storage, paths[int(f)], [*vector_types, *CARRIED_COUNTS])
             parts.append(t.take(pa.array(positions[files == f])))
     index = pa.array(at, mask=at < 0)
     if parts:
         vectors = pa.concat_tables(parts).combine_chunks()
         take = vectors.take(index)
-        return {CARRY_EMBEDDING: take.column(EMBEDDING).combine_chunks().cast(vector_type),
+        return {**{CARRY_PREFIX + c: take.column(c).combine_chunks().cast(t) for c, t in vector_types.items()},
                 CARRY_N_TOKENS: take.column(N_TOKENS).combine_chunks(),
                 CARRY_TRUNCATED: take.column(TRUNCATED).combine_chunks()}
-    return {CARRY_EMBEDDING: pa.nulls(n, vector_type), CARRY_N_TOKENS: pa.nulls(n, pa.int32()),
-            CARRY_TRUNCATED: pa.nulls(n, pa.bool_())}
+    return {**{CARRY_PREFIX + c: pa.nulls(n, t) for c, t in vector_types.items()},
+            CARRY_N_TOKENS: pa.nulls(n, pa.int32()), CARRY_TRUNCATED: pa.nulls(n, pa.bool_())}
 
 
-def _tokenize_uncarried(table: pa.Table, tokenizer: dict[str, Any]) -> pa.Table:
-    """Tokenise the rows that need the model; carried rows get no tokens and keep their base's counts."""
-    carried = table.column(CARRY_EMBEDDING).is_valid()
+def _tokenize_uncarried(table: pa.Table, tokenizer: dict[str, Any], first_carry: str) -> pa.Table:
+    """Tokenise the rows that need the model; carried rows (`first_carry` set: every carried column is set on the
+    same rows) get no tokens and keep their base's counts."""
+    carried = table.column(first_carry).is_valid()
     todo = tokenize_batch(table.filter(pc.invert(carried)), **tokenizer)
     done = table.filter(carried).drop_columns([TEXT])
     done = (done.append_column(INPUT_IDS, pa.array([[]] * done.num_rows, todo.schema.field(INPUT_IDS).type))
@@ -212,21 +213,21 @@ def _tokenize_uncarried(table: pa.Table, tokenizer: dict[str, Any]) -> pa.Table:
     return out.drop_columns([CARRY_N_TOKENS, CARRY_TRUNCATED])
 
 
-@stage(needs=(TASK_JSON,), adds=(ID, *READ_BOOKKEEPING, CONTENT_HASH, CARRY_EMBEDDING, *TOKENIZED),
-       drops=EVERY_COLUMN)
+@stage(needs=(TASK_JSON,), adds=(ID, *READ_BOOKKEEPING, CONTENT_HASH, *TOKENIZED), drops=EVERY_COLUMN)
 def carry_locally(batch: pa.Table, cfg: InputConfig, fingerprint_id: str, storage: Storage,
-                  vector_type: pa.DataType, tokenizer: dict[str, Any]) -> pa.Table:
+                  vector_types: dict[str, pa.DataType], tokenizer: dict[str, Any]) -> pa.Table:
     """One item to rebuild in (with the base files to carry from); its rows out, unchanged documents carrying
-    their vector (`_carry_embedding`) and the rest tokenised for the model. The local join on id replaces a
+    their vectors (`_carry_<column>` for each of `vector_types`, which the graph adds to the declaration) and
+    the rest tokenised for the model. The local join on id replaces a
     cluster-wide shuffle: the base files are those of the item's own file plus any its moved documents came
     from (`pipelines.reindex.match`). Its rows keep the input's pass-through columns (the graph declares them)."""
     tables = []
     for task in batch.column(TASK_JSON).to_pylist():
         task = json.loads(task)
         rows = _item_rows(task["item"], cfg, fingerprint_id)
-        for name, values in _carried(rows, storage, task["base_files"], vector_type).items():
+        for name, values in _carried(rows, storage, task["base_files"], vector_types).items():
             rows = rows.append_column(name, values)
-        tables.append(_tokenize_uncarried(rows, tokenizer))
+        tables.append(_tokenize_uncarried(rows, tokenizer, CARRY_PREFIX + next(iter(vector_types))))
     return pa.concat_tables(tables)
 
 

@@ -128,7 +128,7 @@ def test_every_graph_chains_its_stages_consistently(fake_ray):
     item = WorkItem("i", "in/p.parquet", "p.parquet", "parquet", 0, 1, (0, 1), 0)
     assert reindex_graph.build_reindex_graph(cfg, [item], None, {}, "fp", None, None, None).ops == [
         "Items", "MapBatches(read_hash_and_tokenize)", *EMBED_AND_WRITE]
-    assert reindex_graph.build_reindex_graph(cfg, [item], None, {}, "fp", {"i": ["f"]}, None, pa.float32()).ops == [
+    assert reindex_graph.build_reindex_graph(cfg, [item], None, {}, "fp", {"i": ["f"]}, None, {"embedding": pa.list_(pa.float32(), 4)}).ops == [
         "Tasks", "MapBatches(carry_locally)", *EMBED_AND_WRITE]
     assert reindex_graph.build_digest_graph(cfg.input, [item], "fp", 0.25).ops == ["Items", "MapBatches(digest_items)"]
     assert reindex_graph.build_diff_graph(cfg.input, [{"items": [], "base_files": ["f"]}], "fp", None, 0.25).ops == [
