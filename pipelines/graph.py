@@ -88,7 +88,7 @@ def write(flow: Flow, io_num_cpus: float, **fn_kwargs: Any):
     """The last stage of an item graph: each block's rows written as pieces, named as of the lease this driver holds
     on the output; returns the dataset of piece records."""
     stage = write_pieces.stage.needing(*fn_kwargs["output_columns"])
-    fn_kwargs = {"epoch": held_epoch(fn_kwargs["storage"]), **fn_kwargs}
+    fn_kwargs = {"epoch": held_epoch(fn_kwargs.get("storage")), **fn_kwargs}
     return flow.map_batches(stage, batch_format="pyarrow", batch_size=None, num_cpus=io_num_cpus,
                             fn_kwargs=fn_kwargs).ds
 

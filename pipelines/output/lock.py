@@ -135,9 +135,12 @@ def is_released(held: dict[str, Any]) -> bool:
     return bool(held.get("released"))
 
 
-def held_epoch(storage: Storage) -> int:
+def held_epoch(storage: Storage | None) -> int:
     """The epoch of the lock this process holds on `storage`'s root or a folder above it; 0 if it holds none (a
-    test writing without a lock: its files are named as of epoch 0, older than any lease)."""
+    test writing without a lock, or a graph built with no output: its files are named as of epoch 0, older than
+    any lease)."""
+    if storage is None:
+        return 0
     proto, root = _key(storage)
     with _HELD_MUTEX:
         epochs = [lock.epoch for (p, r), lock in _HELD.items()

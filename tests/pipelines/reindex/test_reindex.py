@@ -190,7 +190,10 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     assert vectors(read_committed(index_url, opts)).shape == (len(live(snaps[2])), 32)
     s5, log = reindex(job(paths[2], index_url, opts, model, dimensions=32))
     assert s5["published"] is None and "nothing changed since v000004" in log
-    assert index.current()["version"] == "v000004" and index.versions()[-1] == "v000004"
+    assert index.current()["version"] == "v000004"
+    # its attempt is tombstoned (numbers are never reused): only the tombstone is left of it
+    assert index.versions()[-1] == "v000005" and index.is_discarded("v000005")
+    assert index.storage.list_files("v000005") == ["v000005/_reindex.json"]
     with capsys.disabled():
         print(f"\nrows embedded: v1 {s1['embedded_rows']}, v2 {s2['embedded_rows']} (counts {s2['counts']}), v3 "
               f"{s3['embedded_rows_in_version']} over the killed run and the resume (counts {s3['counts']}); "
