@@ -475,3 +475,41 @@ def expire_index_versions(storage: Storage, dropped: list[str], stream: TextIO |
         print(f"gc: table {cfg.namespace}.{cfg.name}: expired {expired} snapshot(s) of {', '.join(dropped)}",
               file=stream, flush=True)
     return expired
+
+
+class ProgressPublisher:
+    """While an embed job runs: every `publish_every_s`, the items committed so far (whole items only: a commit
+    record names every file of its item) as one snapshot, so readers follow a backfill's progress."""
+
+    def __init__(self, cfg: TableConfig, storage: Storage, fingerprint: dict[str, Any], fp_id: str, stream: TextIO,
+                 clock=None):
+        import time
+
+        self.cfg, self.storage, self.fingerprint, self.fp_id, self.stream = cfg, storage, fingerprint, fp_id, stream
+        self.clock = clock or time.monotonic
+        self.last = self.clock()
+        self.publisher: TablePublisher | None = None
+        self.published = 0
+
+    def __call__(self, commits: dict[str, Any], force: bool = False) -> None:
+        if not force and self.clock() - self.last < self.cfg.publish_every_s:
+            return
+        self.last = self.clock()
+        files = [_url(self.storage, self.storage.path(f.path)) for c in commits.values() for f in c.files]
+        if not files:
+            return
+        try:
+            if self.publisher is None:
+                found = CommittedSet(self.storage, files, [], self.fingerprint, self.fp_id, None, self.cfg)
+                self.publisher = publishers(found, self.cfg)[0]
+            done = self.publisher.publish(files)
+        except (LockLost, OutputError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a catalog hiccup must not stop a backfill; the end publishes
+            print(f"table: progress publication failed ({type(exc).__name__}: {exc}); retried later",
+                  file=self.stream, flush=True)
+            return
+        self.published += done.changed
+        if done.changed:
+            print(f"table: {done.table}: {len(commits)} committed item(s) published ({done.added} file(s) added)",
+                  file=self.stream, flush=True)
