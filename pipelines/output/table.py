@@ -249,12 +249,12 @@ class TablePublisher:
 
         for _ in range(ATTEMPTS):
             table = self.load()
-            if table is None or table.current_snapshot() is None:
+            if table is None:
                 return False
             self._check(table, None)
-            if table_epoch(table) == self.epoch:
+            if table_epoch(table) == self.epoch and table.current_snapshot() is not None:
                 return False
-            parent = table.current_snapshot().summary[VERSION]
+            parent = table.current_snapshot().summary[VERSION] if table.current_snapshot() else None
             tx = table.transaction()
             with tx.update_snapshot(snapshot_properties=self._summary(parent)).fast_append():
                 pass
