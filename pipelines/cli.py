@@ -1,4 +1,4 @@
-"""`embedrank` command line: embed, rerank, reindex, versions, gc, verify, status, report, demo.
+"""`embedrank` command line: embed, rerank, reindex, versions, gc, verify, status, report, files, publish, demo.
 
 User mistakes (bad config, unreadable input, refused output, compute that the cluster can never serve) print
 one clear message and exit 2; they never print a traceback. SIGINT / SIGTERM stop a job cleanly: exit 130 / 143
@@ -118,9 +118,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from pipelines.output.lock import OutputLock
 
+    from pipelines.output.table import expire_index_versions
+
     index = _index(args)
     with OutputLock(index.storage, args.lock_stale_s, allow_unconditional=args.allow_unconditional_store):
-        result = index.gc(args.keep, sys.stdout)
+        result = index.gc(args.keep, sys.stdout, before_delete=lambda dropped: expire_index_versions(
+            index.storage, dropped, sys.stdout))
     print(f"gc: kept {', '.join(result['kept'])}; collected {len(result['collected'])} version(s), "
           f"deleted {result['files_deleted']} file(s)")
     return 0
@@ -164,6 +167,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files(args: argparse.Namespace) -> int:
+    """The committed files of an output (an index: its current version), for readers without Iceberg."""
+    from pipelines.output.reader import committed_listing
+
+    rows = committed_listing(args.output, _parse_storage_options(args.storage_option), rejects=args.rejects)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(row["url"])
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Bring an output's Iceberg tables to its committed set (idempotent), under the output's lock."""
+    from pipelines.output.lock import OutputLock
+    from pipelines.output.table import publish_output
+    from pipelines.storage import Storage
+
+    options = _parse_storage_options(args.storage_option)
+    with OutputLock(Storage(args.output, options), args.lock_stale_s,
+                    allow_unconditional=args.allow_unconditional_store):
+        result = publish_output(args.output, options, stream=sys.stdout)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -186,12 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check an output's exactly-once invariant (exit 0 iff it holds)")
     status = sub.add_parser("status", help="where a job stands (items, rows, rejects, rate, ETA); safe while it runs")
     report = sub.add_parser("report", help="(re)write the output's _report.html from its commits")
-    for command, func in ((verify, cmd_verify), (status, cmd_status), (report, cmd_report)):
+    files = sub.add_parser("files", help="print the committed files of an output, one URL a line (for engines "
+                           "without Iceberg)")
+    publish = sub.add_parser("publish", help="bring the output's Iceberg tables to its committed set (idempotent)")
+    for command, func in ((verify, cmd_verify), (status, cmd_status), (report, cmd_report), (files, cmd_files),
+                          (publish, cmd_publish)):
         command.add_argument("output", help="output root (local path or fsspec URL)")
         command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                              help="fsspec option for the output filesystem (repeatable)")
         command.set_defaults(func=func)
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    files.add_argument("--json", action="store_true", help="one JSON list of {url, rows, bytes, sha256}")
+    files.add_argument("--rejects", action="store_true", help="the reject files instead of the data files")
+    publish.add_argument("--json", action="store_true", help="what was published, as one JSON object")
+    publish.add_argument("--lock-stale-s", type=float, default=600.0, help="take over an output lock older than this")
+    publish.add_argument("--allow-unconditional-store", action="store_true",
+                         help="run on a store that ignores conditional writes (refused by default; unfenced)")
     verify.add_argument("--quick", action="store_true",
                         help="control files and listed sizes only: every item committed, its rows tiled, every named "
                         "file present with its recorded size; reads no data file")

@@ -362,3 +362,35 @@ def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...]
         return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
+
+
+class CatalogConfig(Strict):
+    """An Apache Iceberg catalog, as pyiceberg opens it (`pyiceberg.catalog.load_catalog(name, **properties)`)."""
+
+    name: str = Field(
+        "embedrank", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+        description="The catalog's name; pyiceberg also reads its properties from ~/.pyiceberg.yaml and "
+        "PYICEBERG_CATALOG__<NAME>__<PROPERTY> environment variables, where credentials belong (this config, "
+        "table section included, is recorded in the output's _job.json).",
+    )
+    properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="pyiceberg catalog properties: `type` (sql, rest, glue, hive, …), `uri`, `warehouse`, `s3.*`, …. "
+        "S3 FileIO properties missing here are filled from the output's storage options.",
+    )
+
+
+class TableConfig(Strict):
+    """`output.table` / `index.table`: publish the committed output as an Apache Iceberg table as well (the Parquet
+    output and its commit records stay the source of truth; the table is a projection of them)."""
+
+    catalog: CatalogConfig | None = Field(
+        None, description="null: the embedded SQL catalog on SQLite in `<output>/_iceberg/` (local outputs only).",
+    )
+    namespace: str = Field("embedrank", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The table's namespace.")
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                      description="The table's name; rejects go to `<name>_rejects`.")
+    publish_every_s: float = Field(
+        300.0, gt=0, description="While an embed job runs, publish the items committed so far this often (one "
+        "snapshot of whole items); always at the end.",
+    )

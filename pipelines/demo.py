@@ -102,4 +102,16 @@ def run_demo(workdir: str, rows: int = 2000, config: str | None = None, override
         vec = first["embedding"]
         print(f"read back {table.num_rows} rows; first id {first['id']!r}, dim {len(vec)}, "
               f"head {[round(v, 4) for v in vec[:4]]}")
+    if cfg.output.table is not None:
+        from pipelines.output.table import open_catalog
+        from pipelines.storage import Storage
+
+        iceberg = open_catalog(cfg.output.table, Storage(cfg.output.path)).load_table(
+            (cfg.output.table.namespace, cfg.output.table.name))
+        count = iceberg.scan().count()
+        print(f"Iceberg table {cfg.output.table.namespace}.{cfg.output.table.name}: {count} rows read back through "
+              f"the catalog (snapshot {iceberg.current_snapshot().snapshot_id}); "
+              f"{'matches' if count == table.num_rows else 'DIFFERS FROM'} the committed rows")
+        if count != table.num_rows:
+            return 1
     return 0 if report.ok else 1

@@ -17,10 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, TextIO
 
 from common.errors import OutputError
-from pipelines.config import TARGET_FILE_MB, ComputeConfig, RunConfig, SourceConfig
+from pipelines.config import TARGET_FILE_MB, ComputeConfig, RunConfig, SourceConfig, TableConfig
 from pipelines.fingerprint import fingerprint_id
 from pipelines.input.plan import Plan, WorkItem, make_plan, planning_key
 from pipelines.input.reading import read_item
+from pipelines.output import table
 from pipelines.output.committer import Committer
 from pipelines.output.lock import OutputLock, held_epoch
 from pipelines.output.merge import MergeStats, merge_item
@@ -135,6 +136,13 @@ class JobSpec:
     def output_url(self, cfg: Any) -> str:
         return cfg.output.path
 
+    def table_config(self, cfg: Any) -> TableConfig | None:
+        """`output.table`: the Iceberg table the committed output is published to (None: none)."""
+        return getattr(cfg.output, "table", None)
+
+    progress_table: ClassVar[bool] = False
+    """Whether the table is published every `publish_every_s` while items commit (embed), or only at the end."""
+
     def run(self, cfg: Any, *, dry_run: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
         """Run (or resume) the job; returns its summary. Progress and summary go to `stream` (stderr)."""
         return run_job(self, cfg, dry_run=dry_run, stream=stream or sys.stderr)
@@ -160,17 +168,29 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
     with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
                     allow_unconditional=cfg.run.allow_unconditional_store), \
             stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand
+        lock_storage = spec.lock_storage(cfg)
+        table_cfg = spec.table_config(cfg)
+        if table_cfg is not None:  # before anything is deleted: a late publisher cannot commit over this run
+            table.claim_tables(lock_storage, table_cfg)
         work = spec.prepare(cfg, plan, stream)
         if isinstance(work, dict):
+            if table_cfg is not None:  # nothing to run: the table still converges to the committed set
+                table.publish_output(spec.output_url(cfg), lock_storage.storage_options, table_cfg, stream)
             return work
         recorded = work.recorded if work.recorded is not None else recorded_config(cfg)
+        on_commit = None
+        if table_cfg is not None and spec.progress_table:
+            on_commit = table.ProgressPublisher(table_cfg, work.root.storage, work.fingerprint,
+                                                fingerprint_id(work.fingerprint), stream)
         outcome = process_items(plan=plan, work=work, recorded=recorded, run=cfg.run, label=spec.name,
                                 stream=stream, startup=startup, target_file_mb=target_file_mb(cfg),
-                                io_num_cpus=cfg.compute.io_num_cpus)
+                                io_num_cpus=cfg.compute.io_num_cpus, on_commit=on_commit)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
                                      wall_s=round(outcome.progress.elapsed, 3))
         removed = close_output(work.root, outcome.commits, totals)
         own = spec.after_close(cfg, work, outcome, totals, stream)
+        if table_cfg is not None:  # after _SUCCESS (a reindex: after its pointer swap): the committed set
+            table.publish_output(spec.output_url(cfg), lock_storage.storage_options, table_cfg, stream)
     return own if own is not None else summarize(outcome, totals, spec.output_url(cfg), stream, removed)
 
 
@@ -205,7 +225,8 @@ def merge_on_cluster(storage: Storage, target_file_bytes: float,
 
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
                   stream: TextIO, startup: Startup | None = None, target_file_mb: float = TARGET_FILE_MB,
-                  io_num_cpus: float = 1.0) -> ItemsOutcome:
+                  io_num_cpus: float = 1.0,
+                  on_commit: Callable[[dict[str, ItemCommit]], None] | None = None) -> ItemsOutcome:
     """Commit every item of `plan` exactly once, resuming from what is already committed; `startup` (the job's
     start-up phases) learns when Ray came up, the replicas' reports and the first item committed. Items that
     arrive in several pieces are merged into files of at most `target_file_mb` on the cluster before they
@@ -234,6 +255,8 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
     def record(commit: ItemCommit) -> None:
         commits[commit.item] = commit
         progress.update(commit)
+        if on_commit is not None:  # e.g. the Iceberg table's progress snapshot, every publish_every_s
+            on_commit(commits)
 
     for commit in committer.commit_empty():
         record(commit)

@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 from actors.quantize import CALIBRATED, VectorSpec
 from actors.settings import EmbedSettings
 from common.columns import CONTENT_HASH, EMBEDDING, ID, N_TOKENS, TEXT, TRUNCATED
-from pipelines.config import (FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, model_path_field,
-                              storage_options_field, target_file_mb_field)
+from pipelines.config import (FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, TableConfig,
+                              model_path_field, storage_options_field, target_file_mb_field)
 
 
 class InputConfig(SourceConfig):
@@ -157,6 +157,7 @@ class OutputConfig(VectorOutputs):
     )
     target_file_mb: float = target_file_mb_field()
     storage_options: dict[str, Any] | None = storage_options_field("the output filesystem")
+    table: TableConfig | None = Field(None, description="Also publish the output as an Apache Iceberg table.")
 
 
 class EmbeddingJobBase(JobConfigBase):

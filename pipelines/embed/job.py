@@ -38,6 +38,7 @@ def embed_fingerprint(cfg: EmbedJobConfig) -> dict[str, Any]:
 class EmbedJob(JobSpec):
     name = "embed"
     config_type = EmbedJobConfig
+    progress_table = True
 
     def preflight(self, cfg: EmbedJobConfig) -> None:
         preflight_model(cfg.model.path, cfg.model.dimensions, cfg.model_storage_options, cfg.model.revision)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from common.errors import OutputError
-from pipelines.output.records import ItemCommit
+from pipelines.output.records import FileRef, ItemCommit
 from pipelines.output.root import JOB_FILE, OutputRoot
 from pipelines.storage import Storage
 from pipelines import parquet_bytes
@@ -45,16 +45,23 @@ def is_rerank(job: dict[str, Any]) -> bool:
     return job["fingerprint"].get("task") == "rerank"
 
 
+def committed_refs(root: OutputRoot, job: dict[str, Any], commits: dict[str, ItemCommit],
+                   rejects: bool) -> list[FileRef]:
+    """The files (paths relative to the root, rows, checksums) that hold the committed rows (or rejects), in commit
+    order: item commits' files for embeddings, the rank commits' (ranked from exactly these scores) for a rerank."""
+    ordered = list(commits.values())
+    if not is_rerank(job):
+        return [f for c in ordered for f in (c.rejects if rejects else c.files)]
+    ranks = list(root.ranks_of(commits).values())
+    if rejects:
+        return [f for c in [*ordered, *ranks] for f in c.rejects]
+    return [f for c in ranks for f in c.files]
+
+
 def _committed_paths(root: OutputRoot, job: dict[str, Any], commits: dict[str, ItemCommit],
                      rejects: bool) -> list[str]:
     """The files (relative to the root) that hold the committed rows (or rejects), in commit order."""
-    ordered = list(commits.values())
-    if not is_rerank(job):
-        return [f.path for c in ordered for f in (c.rejects if rejects else c.files)]
-    ranks = list(root.ranks_of(commits).values())
-    if rejects:
-        return [f.path for c in [*ordered, *ranks] for f in c.rejects]
-    return [f.path for c in ranks for f in c.files]
+    return [f.path for f in committed_refs(root, job, commits, rejects)]
 
 
 def _read(root: OutputRoot, paths: list[str]) -> pa.Table:
@@ -88,6 +95,19 @@ def committed_files(output: str, storage_options: dict[str, Any] | None = None, 
     reader (DuckDB, Polars, pandas, LanceDB, Spark) should be given instead of a glob of `data/`."""
     storage, paths = _located(output, storage_options, rejects)
     return paths if storage.is_local else [storage.fs.unstrip_protocol(p) for p in paths]
+
+
+def committed_listing(output: str, storage_options: dict[str, Any] | None = None, *,
+                      rejects: bool = False) -> list[dict[str, Any]]:
+    """`embedrank files --json`: one row per committed file (or reject file): its URL, rows, bytes and SHA-256."""
+    root, job, commits = open_committed(output, storage_options)
+    storage = root.storage
+    out = []
+    for ref in committed_refs(root, job, commits, rejects):
+        path = storage.path(ref.path)
+        out.append({"url": path if storage.is_local else storage.fs.unstrip_protocol(path), "rows": ref.rows,
+                    "bytes": ref.bytes, "sha256": ref.sha256})
+    return out
 
 
 def arrow_filesystem(storage: Storage):

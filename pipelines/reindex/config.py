@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import Strict, storage_options_field
+from pipelines.config import Strict, TableConfig, storage_options_field
 from pipelines.embed.config import EmbedJobConfig, EmbeddingJobBase, OutputConfig, VectorOutputs
 
 
@@ -14,6 +14,8 @@ class IndexConfig(VectorOutputs):
     path: str = Field(description="Index root (local path or fsspec URL): holds v000001/, v000002/, … and "
                       "_CURRENT.json, which names the version readers see.")
     storage_options: dict[str, Any] | None = storage_options_field("the index filesystem")
+    table: TableConfig | None = Field(None, description="Also publish the index as an Apache Iceberg table: each "
+                                      "published version one overwrite snapshot, tagged with its name.")
     diff_partitions: int = Field(
         16, gt=0, description="Unused, accepted so that older configs still load: the diff and the carry no longer "
         "shuffle (each input file is compared with the current version's rows of the same file inside one task).",

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import posixpath
 import re
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from common import failpoints
@@ -246,10 +247,12 @@ class IndexRoot:
                          "finished_at": attempt.get("finished_at")})
         return rows
 
-    def gc(self, keep: int, stream: TextIO) -> dict[str, Any]:
+    def gc(self, keep: int, stream: TextIO,
+           before_delete: Callable[[list[str]], Any] | None = None) -> dict[str, Any]:
         """Delete the versions older than the `keep` newest published ones, except files a kept version names.
 
-        Unpublished versions newer than the current one are kept (a rerun resumes them)."""
+        Unpublished versions newer than the current one are kept (a rerun resumes them). `before_delete(dropped)`
+        runs before any file is deleted (the Iceberg table's snapshots of those versions are expired there)."""
         if keep < 1:
             raise OutputError("gc --keep must be at least 1 (the current version is always kept)")
         self.claim()
@@ -268,6 +271,8 @@ class IndexRoot:
         named: set[str] = set()
         for v in kept:
             named |= self.named_files(v)
+        if dropped and before_delete is not None:
+            before_delete(dropped)
         deleted = 0
         for v in dropped:
             files = self.storage.list_files(v)

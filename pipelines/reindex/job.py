@@ -209,6 +209,10 @@ class ReindexJob(JobSpec):
     def output_url(self, cfg: ReindexJobConfig) -> str:
         return cfg.index.path
 
+    def table_config(self, cfg: ReindexJobConfig):
+        """`index.table`: one table per index, each published version an overwrite snapshot tagged with its name."""
+        return cfg.index.table
+
     def plan(self, cfg: ReindexJobConfig, stream: TextIO) -> Plan:
         started = time.monotonic()
         plan = super().plan(cfg, stream)

@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 from actors import rerank_prompts
 from actors.settings import RerankSettings
 from common.columns import DOC_ID, QUERY, QUERY_ID, TEXT
-from pipelines.config import (AUTO, FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, auto_or,
-                              model_path_field, storage_options_field, target_file_mb_field)
+from pipelines.config import (AUTO, FieldSpec, JobConfigBase, ModelConfigBase, SourceConfig, Strict, TableConfig,
+                              auto_or, model_path_field, storage_options_field, target_file_mb_field)
 
 RankBuckets = auto_or(Annotated[int, Field(ge=1)])
 
@@ -59,6 +59,8 @@ class RerankOutputConfig(Strict):
     )
     target_file_mb: float = target_file_mb_field()
     storage_options: dict[str, Any] | None = storage_options_field("the output filesystem")
+    table: TableConfig | None = Field(None, description="Also publish the final ranks (and rejects) as Apache "
+                                      "Iceberg tables.")
 
 
 class RerankJobConfig(JobConfigBase):

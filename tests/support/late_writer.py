@@ -61,9 +61,11 @@ def commit_of(it: WorkItem, pieces: list[Piece]) -> ItemCommit:
                                 pieces=pieces)
 
 
-def run_output(root: OutputRoot, items: list[WorkItem], salt: float = 0.0) -> dict[str, ItemCommit]:
-    """A whole run of the commit protocol on `root` (the lock held): prepare, every item, close."""
-    commits = root.prepare(FP, FP_ID, items, {"test": True}, None)
+def run_output(root: OutputRoot, items: list[WorkItem], salt: float = 0.0,
+               recorded: dict | None = None) -> dict[str, ItemCommit]:
+    """A whole run of the commit protocol on `root` (the lock held): prepare, every item, close. `recorded`: the
+    config `_job.json` records (e.g. an `output.table` section for `embedrank publish`)."""
+    commits = root.prepare(FP, FP_ID, items, recorded or {"test": True}, None)
     for it in items:
         if it.item_id not in commits:
             commits[it.item_id] = root.write_commit(commit_of(it, [write_piece(root.storage, it, salt)]))
@@ -98,6 +100,14 @@ def main(story: str, url: str) -> int:
         elif story == "commit":  # A writes item 1's piece, then its record
             root.prepare(FP, FP_ID, [item(1)], {"test": True}, None)
             root.write_commit(commit_of(item(1), [write_piece(storage, item(1))]))
+        elif story == "table":  # A commits items 1-3 and publishes them to the Iceberg table (TABLE_CONFIG)
+            from pipelines.config import TableConfig
+            from pipelines.output.table import claim_tables, publish_output
+
+            cfg = TableConfig.model_validate(json.loads(os.environ["TABLE_CONFIG"]))
+            claim_tables(storage, cfg)
+            run_output(root, [item(1), item(2), item(3)], recorded={"output": {"table": cfg.model_dump()}})
+            publish_output(url, storage.storage_options, cfg)
         elif story == "job":  # A plans item 1 only
             run_output(root, [item(1)])
         elif story == "live":  # A commits until told to stop, heartbeating; its lock must never be taken over

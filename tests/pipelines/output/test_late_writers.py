@@ -63,8 +63,8 @@ def _state(pid: int) -> str | None:
 class DriverA:
     """Driver A as a process paused at `point`; `wake()` lets it go on, `finish()` returns its exit status."""
 
-    def __init__(self, story: str, storage: Storage, point: str, stale_s: float = STALE_S):
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+    def __init__(self, story: str, storage: Storage, point: str, stale_s: float = STALE_S, env: dict | None = None):
+        env = {**os.environ, **(env or {}), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
                "STORAGE_OPTIONS": json.dumps(storage.storage_options), "LOCK_STALE_S": str(stale_s),
                "EMBEDRANK_FAILPOINTS": f"{point}:pause" if point else ""}
         self.proc = subprocess.Popen(namespaced([sys.executable, "-m", "support.late_writer", story, storage.url]),
@@ -330,3 +330,38 @@ def test_a_late_success_does_not_finish_a_newer_run(store):
         assert not job_status(store.url, store.storage_options)["state"].startswith("finished")
         run_output(root, [item(1), item(2)])
         assert root.read_success()["rows"] == 6
+
+
+def test_a_late_table_publisher_can_neither_roll_back_nor_duplicate_what_a_newer_holder_published(
+        store, driver_a, tmp_path):
+    """Story 7: A commits items 1-3 and plans the Iceberg snapshot that adds their files, then pauses before the
+    catalog's commit. B takes over, claims the table (a snapshot of its epoch), adopts A's commits and publishes.
+    A wakes: its commit's base is stale, so the catalog refuses it; re-planning, A finds B's newer epoch and
+    stops. The table names exactly the committed files, once each, published by B."""
+    from pipelines.config import TableConfig
+    from pipelines.output.reader import committed_files
+    from pipelines.output.table import EPOCH, claim_tables, open_catalog, publish_output
+
+    if store.is_local:
+        cfg = TableConfig(name="docs")
+    else:
+        bucket = store.url.removeprefix("s3://").split("/")[0]
+        cfg = TableConfig(name="docs", catalog={"name": "s3cat", "properties": {
+            "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}})
+    a = driver_a("table", store, "before_table_commit", env={"TABLE_CONFIG": cfg.model_dump_json()})
+    lock = take_over(store)
+    try:
+        claim_tables(store, cfg)
+        run_output(OutputRoot(store), [item(1), item(2), item(3)])
+        published = publish_output(store.url, store.storage_options, cfg)
+    finally:
+        lock.release()
+    assert published["table"]["added"] == 3
+    a.wake()
+    code, out = a.finish()
+    assert code == 4 and "newer lease" in out, out
+    table = open_catalog(cfg, store).load_table(("embedrank", "docs"))
+    files = [t.file.file_path for t in table.scan().plan_files()]
+    assert sorted(files) == sorted(committed_files(store.url, store.storage_options)) and len(files) == 3
+    assert table.current_snapshot().summary[EPOCH] == str(lock.epoch)
+    assert max(int(s.summary[EPOCH]) for s in table.snapshots()) == lock.epoch

@@ -44,7 +44,8 @@ def outputs(ray_local, s3_server, tiny_embedding_model, tmp_path_factory):
         "input": {"paths": [f"{corpus}/*.parquet"], "id_column": "doc_id", "passthrough_columns": ["lang"],
                   "rows_per_item": 10},
         "model": {"path": str(tiny_embedding_model), "max_length": 32},
-        "output": {"path": str(out), "partition_by": "lang"},
+        "output": {"path": str(out), "partition_by": "lang",
+                   "table": {"name": "docs", "publish_every_s": 0.001}},  # a progress snapshot at every commit
         "compute": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "batch_rows": 32},
     }))
     bucket = s3_server.make_bucket(f"reader-{uuid.uuid4().hex[:12]}")
@@ -145,3 +146,50 @@ def test_duckdb_reads_both_vector_dtypes_from_the_files_as_written(tmp_path):
     dataset = pyarrow.dataset.dataset(str(tmp_path / "float16.parquet"))  # noqa: F841 - found by name
     with pytest.raises(duckdb.NotImplementedException):
         duckdb.sql("SELECT embedding FROM dataset").fetchall()
+
+
+def test_engines_read_exactly_the_committed_rows_through_the_iceberg_table(outputs, ray_local):
+    """The embed run published its output to the embedded catalog: pyiceberg, Polars and Ray Data (readers no one
+    here wrote) read exactly the committed rows; every snapshot before the last held whole committed items."""
+    import polars as pl
+    import ray
+
+    from pipelines.output.root import OutputRoot
+    from pipelines.output.table import open_catalog
+    from pipelines.config import TableConfig
+    from pipelines.storage import Storage
+
+    out, _ = outputs["local"]
+    whole = read_committed(out)
+    catalog_kwargs = {"name": "embedrank", "type": "sql", "uri": f"sqlite:///{out}/_iceberg/catalog.db"}
+    table = open_catalog(TableConfig(name="docs"), Storage(out)).load_table("embedrank.docs")
+    got = table.scan().to_arrow()
+    assert sorted(got.column("id").to_pylist()) == sorted(whole.column("id").to_pylist())
+    assert got.num_rows == whole.num_rows == 39
+    by_id = dict(zip(whole.column("id").to_pylist(), whole.column("embedding").to_pylist()))
+    for i, vec in zip(got.column("id").to_pylist(), got.column("embedding").to_pylist()):
+        assert vec == pytest.approx(by_id[i])
+
+    # Polars 2.1's native Iceberg reader refuses the files' fixed_size_list for the table's list (a SchemaError):
+    # its pyiceberg reader reads them
+    polars = pl.scan_iceberg(table, reader_override="pyiceberg").select("id", "embedding").collect()
+    assert sorted(polars["id"].to_list()) == sorted(by_id) and len(polars["embedding"][0]) == DIM
+    fixed = polars.select(pl.col("embedding").list.to_array(DIM))
+    assert fixed.schema["embedding"] == pl.Array(pl.Float32, DIM)
+
+    rows = ray.data.read_iceberg(table_identifier="embedrank.docs", catalog_kwargs=catalog_kwargs).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(by_id)
+
+    # progress: each snapshot's files are exactly the files of a set of whole committed items
+    commits = OutputRoot(Storage(out)).read_commits()
+    item_files = {c.item: {Storage(out).path(f.path) for f in c.files} for c in commits.values()}
+    owner = {f: item for item, files in item_files.items() for f in files}
+    snapshots = [s for s in table.snapshots()]
+    assert len(snapshots) >= 2  # progress snapshots before the last
+    for snap in snapshots:
+        files = {t.file.file_path for t in table.scan(snapshot_id=snap.snapshot_id).plan_files()}
+        items = {owner[f] for f in files}
+        assert files == set().union(*(item_files[i] for i in items)), snap.snapshot_id
+    assert {t.file.file_path for t in table.scan().plan_files()} == set(committed_files(out))
+    rejects = open_catalog(TableConfig(name="docs"), Storage(out)).load_table("embedrank.docs_rejects")
+    assert rejects.scan().to_arrow().num_rows == read_committed(out, rejects=True).num_rows == 1

@@ -1,0 +1,515 @@
+"""The output as an Apache Iceberg table: a projection of the commit records, published exactly once.
+
+The Parquet output and its commit records stay the source of truth. This module brings an Iceberg table (any
+pyiceberg catalog; by default an embedded SQL catalog on SQLite in `<output>/_iceberg/`) to name exactly the
+files the commits name, each once, registered in place (nothing is copied): the committed data files of an
+output, the final ranks of a rerank, the current version's files of an index (one overwrite snapshot per
+published version, tagged with its name), and the reject files in `<name>_rejects`.
+
+Exactly once, converging: a publication reads the table's current files and commits only the difference with
+the committed set (new files appended, files the commits no longer name removed); when they are equal it does
+nothing. A crash anywhere (before, inside or after the catalog's commit) leaves the table at the old set or the
+new one, and the next publication (a rerun, `embedrank publish`) converges.
+
+Fencing: every snapshot's summary carries the publisher's lease epoch (`embedrank.epoch`) and fingerprint id. A
+publisher stops (`LockLost`) if any snapshot of the table carries a newer epoch. Its commit rides on the
+catalog's compare-and-swap (a commit whose base snapshot is no longer the table's is refused; pyiceberg's own
+retry, which would re-apply the change on the new state, is switched off for these tables), and a refused
+commit is re-planned from the table's new state only after that epoch check passes again. A new lock holder
+`claim`s the table (an empty snapshot of its epoch) before it deletes anything, so a paused publisher that wakes
+finds its base stale and then the newer epoch: it can never roll the table back, nor add files a newer writer
+removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import pyarrow as pa
+
+from common import failpoints
+from common.errors import LockLost, OutputError
+from pipelines.config import TableConfig
+from pipelines.output.lock import fence, held_epoch
+from pipelines.storage import Storage
+
+TABLE_DIR = "_iceberg"
+"""The embedded catalog's folder in an output (or index) root: `catalog.db` (SQLite) and `warehouse/`."""
+EPOCH = "embedrank.epoch"
+FINGERPRINT = "embedrank.fingerprint_id"
+VERSION = "embedrank.version"
+OUTPUT = "embedrank.output"
+ITEMS = "embedrank.files"
+ATTEMPTS = 10
+logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)  # "statistics missing" for every vector column
+TABLE_PROPERTIES = {
+    "commit.retry.num-retries": "0",  # a refused commit comes back to us: the epoch is checked before a retry
+    "commit.manifest-merge.enabled": "true",  # periodic publications do not leave one manifest each
+}
+
+
+def fileio_properties(storage: Storage) -> dict[str, str]:
+    """pyiceberg FileIO properties for the files of an S3 output, from its fsspec storage options."""
+    if storage.is_local:
+        return {}
+    opts = storage.storage_options or {}
+    client = opts.get("client_kwargs") or {}
+    found = {
+        "s3.endpoint": opts.get("endpoint_url") or client.get("endpoint_url"),
+        "s3.access-key-id": opts.get("key") or client.get("aws_access_key_id"),
+        "s3.secret-access-key": opts.get("secret") or client.get("aws_secret_access_key"),
+        "s3.session-token": opts.get("token") or client.get("aws_session_token"),
+        "s3.region": client.get("region_name") or opts.get("region_name"),
+    }
+    return {k: str(v) for k, v in found.items() if v}
+
+
+def embedded_catalog(storage: Storage) -> dict[str, str]:
+    """The default catalog: SQL on a SQLite file beside the output's data (local outputs only)."""
+    if not storage.is_local:
+        raise OutputError(f"{storage.url}: the embedded Iceberg catalog (SQLite) is for local outputs only; set "
+                          "table.catalog (e.g. type: rest, glue, hive, or sql on a PostgreSQL uri)")
+    folder = storage.path(TABLE_DIR)
+    os.makedirs(f"{folder}/warehouse", exist_ok=True)
+    return {"type": "sql", "uri": f"sqlite:///{folder}/catalog.db", "warehouse": f"file://{folder}/warehouse"}
+
+
+def open_catalog(cfg: TableConfig, storage: Storage):
+    """The pyiceberg catalog of `cfg` (the embedded one when none is set)."""
+    from pyiceberg.catalog import load_catalog
+
+    if cfg.catalog is None:
+        name, props = "embedrank", embedded_catalog(storage)
+    else:
+        name, props = cfg.catalog.name, dict(cfg.catalog.properties)
+    try:
+        return load_catalog(name, **{**fileio_properties(storage), **props})
+    except (ValueError, NotImplementedError, ImportError) as exc:
+        raise OutputError(f"table.catalog {name!r}: {exc}") from None
+
+
+def _type_name(arrow_type: pa.DataType) -> str:
+    return str(arrow_type.value_type) if pa.types.is_fixed_size_list(arrow_type) else str(arrow_type)
+
+
+def describe_vectors(fingerprint: dict[str, Any], fp_id: str, schema: pa.Schema) -> tuple[dict[str, str],
+                                                                                       dict[str, str]]:
+    """(table properties, column docs) that say what the vectors are and how to read them as fixed-size arrays."""
+    props = {FINGERPRINT: fp_id}
+    for key in ("model", "revision", "dimensions", "dtype", "vector_dtype", "instruction", "task"):
+        if fingerprint.get(key) is not None:
+            props[f"embedrank.{key}"] = str(fingerprint[key])
+    docs: dict[str, str] = {}
+    for field in schema:
+        if not pa.types.is_fixed_size_list(field.type):
+            continue
+        d, value = field.type.list_size, _type_name(field.type)
+        duck = {"float": "FLOAT", "halffloat": "FLOAT", "double": "DOUBLE", "int8": "TINYINT", "uint8": "UTINYINT"}
+        docs[field.name] = (
+            f"{fingerprint.get('model')} (revision {fingerprint.get('revision')}) vectors: {d} x {value} "
+            f"(Parquet fixed_size_list<{value}>[{d}]; Iceberg has no fixed-size list, so the table reads them as "
+            f"list<{value}>). Fixed-size array: DuckDB CAST({field.name} AS {duck.get(value, value.upper())}[{d}]); "
+            f"Polars pl.col('{field.name}').list.to_array({d}). Fingerprint {fp_id}; instruction: "
+            f"{fingerprint.get('instruction')!r}")
+        props[f"embedrank.vector.{field.name}"] = json.dumps({"dimensions": d, "dtype": value})
+        props[f"embedrank.cast.{field.name}.duckdb"] = f"CAST({field.name} AS {duck.get(value, value.upper())}[{d}])"
+        props[f"embedrank.cast.{field.name}.polars"] = f"pl.col('{field.name}').list.to_array({d})"
+    return props, docs
+
+
+def iceberg_schema(schema: pa.Schema, docs: dict[str, str]):
+    """The table's explicit schema: the files' columns (fixed-size vectors as lists), with column docs."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.schema import Schema, assign_fresh_schema_ids
+
+    if any(pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type) for f in schema):
+        raise OutputError("Iceberg has no 16-bit float type: a table needs output.vector_dtype float32 (or int8/uint8/"
+                          "binary vector columns)")
+    fresh = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema.remove_metadata()))
+    return Schema(*[f.model_copy(update={"doc": docs.get(f.name, f.doc)}) for f in fresh.fields])
+
+
+def schema_difference(have, want) -> str | None:
+    """How two Iceberg schemas differ in their columns (names, types, required), ignoring ids and docs."""
+    def cols(s):
+        return {f.name: (str(f.field_type), f.required) for f in s.fields}
+
+    a, b = cols(have), cols(want)
+    parts = []
+    if set(a) - set(b):
+        parts.append(f"the table has column(s) the output lacks: {sorted(set(a) - set(b))}")
+    if set(b) - set(a):
+        parts.append(f"the output has column(s) the table lacks: {sorted(set(b) - set(a))}")
+    for name in sorted(set(a) & set(b)):
+        if a[name][0] != b[name][0]:
+            parts.append(f"column {name!r} is {a[name][0]} in the table, {b[name][0]} in the output")
+    return "; ".join(parts) or None
+
+
+def table_epoch(table) -> int:
+    """The newest lease epoch any snapshot of the table carries (0: none)."""
+    return max((int(s.summary[EPOCH] or 0) for s in table.snapshots() if s.summary and s.summary[EPOCH]), default=0)
+
+
+@dataclass
+class Published:
+    table: str
+    snapshot_id: int | None
+    files: int
+    added: int
+    removed: int
+    changed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class TablePublisher:
+    """Publishes committed file sets of one output (or index) to one Iceberg table, fenced by a lease epoch."""
+
+    def __init__(self, cfg: TableConfig, storage: Storage, *, name: str | None = None, epoch: int | None = None,
+                 fingerprint_id: str = "", properties: dict[str, str] | None = None,
+                 docs: dict[str, str] | None = None, catalog=None):
+        self.cfg = cfg
+        self.storage = storage
+        self.name = name or cfg.name
+        self.identifier = (cfg.namespace, self.name)
+        self.epoch = held_epoch(storage) if epoch is None else epoch
+        self.fingerprint_id = fingerprint_id
+        self.properties = {OUTPUT: storage.url, **(properties or {})}
+        self.docs = docs or {}
+        self.catalog = catalog if catalog is not None else open_catalog(cfg, storage)
+
+    @property
+    def full_name(self) -> str:
+        return ".".join(self.identifier)
+
+    # -- reading and creating the table --------------------------------------------------------------------------
+
+    def load(self):
+        """The table, or None if it does not exist."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog.load_table(self.identifier)
+        except NoSuchTableError:
+            return None
+
+    def _file_schema(self, url: str) -> pa.Schema:
+        import pyarrow.parquet as pq
+
+        from pipelines.output.reader import arrow_filesystem
+
+        path = url if self.storage.is_local else self.storage.fs._strip_protocol(url)
+        return pq.read_schema(path, filesystem=arrow_filesystem(self.storage))
+
+    def _create(self, schema: pa.Schema):
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        self.catalog.create_namespace_if_not_exists(self.cfg.namespace)
+        try:
+            return self.catalog.create_table(self.identifier, schema=iceberg_schema(schema, self.docs),
+                                             properties={**TABLE_PROPERTIES, **self.properties})
+        except TableAlreadyExistsError:
+            return self.catalog.load_table(self.identifier)
+
+    def _check(self, table, schema: pa.Schema | None) -> None:
+        """Refuse a table of another output, of other columns, or of a newer lease (`LockLost`)."""
+        owner = table.properties.get(OUTPUT)
+        if owner is not None and owner != self.storage.url:
+            raise OutputError(f"Iceberg table {self.full_name} holds the output {owner}, not {self.storage.url}; "
+                              "refusing to replace its files (use another table name)")
+        if schema is not None:
+            diff = schema_difference(table.schema(), iceberg_schema(schema, {}))
+            if diff is not None:
+                raise OutputError(f"Iceberg table {self.full_name} has other columns than this output ({diff}); "
+                                  "a vector table is never evolved silently: use another table name, or drop it")
+        newer = table_epoch(table)
+        if newer > self.epoch:
+            raise LockLost(f"Iceberg table {self.full_name} was published by a newer lease (epoch {newer}, this "
+                           f"publisher's is {self.epoch}); this publisher stops")
+
+    def _summary(self, version: str | None) -> dict[str, str]:
+        out = {EPOCH: str(self.epoch), FINGERPRINT: self.fingerprint_id}
+        if version is not None:
+            out[VERSION] = version
+        return out
+
+    # -- fencing -------------------------------------------------------------------------------------------------
+
+    def claim(self) -> bool:
+        """Stamp the table with this holder's epoch (an empty snapshot), before the holder deletes anything: a late
+        publisher's commit then has a stale base, and on its re-read it finds the newer epoch and stops. Nothing
+        to do when the table does not exist or already carries this epoch; True if a snapshot was committed."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        for _ in range(ATTEMPTS):
+            table = self.load()
+            if table is None:
+                return False
+            self._check(table, None)
+            if table_epoch(table) == self.epoch and table.current_snapshot() is not None:
+                return False
+            parent = table.current_snapshot().summary[VERSION] if table.current_snapshot() else None
+            tx = table.transaction()
+            with tx.update_snapshot(snapshot_properties=self._summary(parent)).fast_append():
+                pass
+            try:
+                tx.commit_transaction()
+                return True
+            except CommitFailedException:
+                continue
+        raise LockLost(f"Iceberg table {self.full_name} kept changing under this writer; another writer is active")
+
+    # -- publication ---------------------------------------------------------------------------------------------
+
+    def current_files(self, table) -> dict[str, Any]:
+        """The table's current data files: path → DataFile."""
+        if table.current_snapshot() is None:
+            return {}
+        return {task.file.file_path: task.file for task in table.scan().plan_files()}
+
+    def publish(self, files: list[str], *, version: str | None = None, tag: str | None = None) -> Published:
+        """Bring the table to exactly `files` (full URLs of committed files): one snapshot adding what is new and
+        removing what the commits no longer name (an overwrite when anything is removed or a `tag` is asked for,
+        else an append); `tag` (an index version's name) names that snapshot. Nothing when the table holds
+        exactly these files (and the tag). Creates the table (schema from the first file) when it is missing."""
+        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.table import _parquet_files_to_data_files
+        from pyiceberg.table.update.snapshot import ManageSnapshots
+
+        wanted = list(dict.fromkeys(files))
+        schema = self._file_schema(wanted[0]) if wanted else None
+        for _ in range(ATTEMPTS):
+            table = self.load()
+            if table is None:
+                if schema is None:
+                    return Published(self.full_name, None, 0, 0, 0, False)
+                table = self._create(schema)
+            self._check(table, schema)
+            fence(self.storage)
+            current = self.current_files(table)
+            keep = set(wanted)
+            add = [f for f in wanted if f not in current]
+            remove = [df for path, df in current.items() if path not in keep]
+            tagged = tag is None or tag in table.metadata.refs
+            if not add and not remove and tagged and table.current_snapshot() is not None:
+                return Published(self.full_name, table.current_snapshot().snapshot_id, len(wanted), 0, 0, False)
+            tx = table.transaction()
+            if tx.table_metadata.name_mapping() is None:
+                tx.set_properties(**{"schema.name-mapping.default":
+                                     tx.table_metadata.schema().name_mapping.model_dump_json()})
+            if add or remove or table.current_snapshot() is None:
+                update = tx.update_snapshot(snapshot_properties=self._summary(version))
+                with (update.overwrite() if remove or tag else update.merge_append()) as producer:
+                    for df in remove:
+                        producer.delete_data_file(df)
+                    for df in _parquet_files_to_data_files(tx.table_metadata, add, table.io):
+                        producer.append_data_file(df)
+            if tag is not None:
+                manage = ManageSnapshots(tx)
+                if tag in tx.table_metadata.refs:
+                    manage.remove_tag(tag)
+                manage.create_tag(tx.table_metadata.current_snapshot().snapshot_id, tag)
+                manage.commit()
+            fence(self.storage)
+            failpoints.hit("before_table_commit")
+            try:
+                table = tx.commit_transaction()
+            except CommitFailedException:
+                continue  # the table moved: re-read it, check the epoch again, re-plan
+            failpoints.hit("after_table_commit")
+            return Published(self.full_name, table.current_snapshot().snapshot_id, len(wanted), len(add),
+                             len(remove), True)
+        raise LockLost(f"Iceberg table {self.full_name} kept changing under this writer; another writer is active")
+
+    def expire_versions(self, versions: list[str]) -> int:
+        """Before `gc` deletes index versions: drop their tags and expire every snapshot of them (never the
+        current one); returns how many snapshots were expired."""
+        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
+
+        gone = set(versions)
+        for _ in range(ATTEMPTS):
+            table = self.load()
+            if table is None:
+                return 0
+            self._check(table, None)
+            current = table.current_snapshot()
+            doomed = [s.snapshot_id for s in table.snapshots() if s.summary and s.summary[VERSION] in gone
+                      and (current is None or s.snapshot_id != current.snapshot_id)]
+            tags = [t for t in gone if t in table.metadata.refs]
+            if not doomed and not tags:
+                return 0
+            tx = table.transaction()
+            if tags:
+                manage = ManageSnapshots(tx)
+                for t in tags:
+                    manage.remove_tag(t)
+                manage.commit()
+            if doomed:
+                ExpireSnapshots(tx).by_ids(doomed).commit()
+            fence(self.storage)
+            try:
+                tx.commit_transaction()
+                return len(doomed)
+            except CommitFailedException:
+                continue
+        raise LockLost(f"Iceberg table {self.full_name} kept changing under this writer; another writer is active")
+
+
+# -- the committed sets of an output ----------------------------------------------------------------------------
+
+@dataclass
+class CommittedSet:
+    """What an output's tables should hold: full URLs of its committed data and reject files."""
+
+    storage: Storage
+    """The output's (an index: its root's, where the table's catalog and lock live)."""
+    data: list[str]
+    rejects: list[str]
+    fingerprint: dict[str, Any]
+    fingerprint_id: str
+    version: str | None
+    """An index's current version (its tag), None for any other output."""
+    table: TableConfig | None
+    """The table config the output's run recorded (`output.table` / `index.table`)."""
+
+
+def recorded_table(job: dict[str, Any]) -> TableConfig | None:
+    """The table config recorded in an output's `_job.json` (a reindex version: its `index.table`)."""
+    config = job.get("config") or {}
+    for section in ("index", "output"):
+        found = (config.get(section) or {}).get("table")
+        if found:
+            return TableConfig.model_validate(found)
+    return None
+
+
+def committed_set(output: str, storage_options: dict[str, Any] | None = None) -> CommittedSet:
+    """The committed files of an output, or of an index root's current version."""
+    from pipelines.output.reader import committed_refs, open_committed
+    from pipelines.reindex.index import IndexRoot
+
+    storage = Storage(output, storage_options)
+    root, job, commits = open_committed(output, storage_options)
+    version = None
+    if root.storage.url != storage.url:
+        version = (IndexRoot(storage).current() or {}).get("version")
+
+    def urls(rejects: bool) -> list[str]:
+        refs = committed_refs(root, job, commits, rejects)
+        return [_url(root.storage, root.storage.path(r.path)) for r in refs]
+
+    from pipelines.fingerprint import fingerprint_id
+
+    return CommittedSet(storage, urls(False), urls(True), job["fingerprint"],
+                        job.get("fingerprint_id") or fingerprint_id(job["fingerprint"]), version,
+                        recorded_table(job))
+
+
+def _url(storage: Storage, path: str) -> str:
+    return os.path.normpath(path) if storage.is_local else storage.fs.unstrip_protocol(os.path.normpath(path))
+
+
+def publishers(found: CommittedSet, cfg: TableConfig, *, epoch: int | None = None) -> tuple[TablePublisher,
+                                                                                          TablePublisher]:
+    """The data table's publisher and the rejects table's (`<name>_rejects`), sharing one catalog."""
+    catalog = open_catalog(cfg, found.storage)
+    props, docs = ({}, {})
+    if found.data:
+        props, docs = describe_vectors(found.fingerprint, found.fingerprint_id,
+                                       TablePublisher(cfg, found.storage, epoch=epoch, catalog=catalog)
+                                       ._file_schema(found.data[0]))
+    data = TablePublisher(cfg, found.storage, epoch=epoch, fingerprint_id=found.fingerprint_id, properties=props,
+                          docs=docs, catalog=catalog)
+    rejects = TablePublisher(cfg, found.storage, name=f"{cfg.name}_rejects", epoch=epoch,
+                             fingerprint_id=found.fingerprint_id, properties={FINGERPRINT: found.fingerprint_id},
+                             catalog=catalog)
+    return data, rejects
+
+
+def publish_output(output: str, storage_options: dict[str, Any] | None, cfg: TableConfig | None = None,
+                   stream: TextIO | None = None, *, epoch: int | None = None) -> dict[str, Any]:
+    """Bring an output's tables to its committed set (the lock holder calls this: at the end of a run, after a
+    reindex publishes, from `embedrank publish`). `cfg`: the recorded one when None. Idempotent."""
+    found = committed_set(output, storage_options)
+    cfg = cfg or found.table
+    if cfg is None:
+        raise OutputError(f"{output}: no table is configured (output.table / index.table) and none was recorded")
+    data, rejects = publishers(found, cfg, epoch=epoch)
+    out = {"table": data.publish(found.data, version=found.version, tag=found.version).to_json()}
+    out["rejects"] = rejects.publish(found.rejects, version=found.version).to_json()
+    if stream is not None:
+        for key in ("table", "rejects"):
+            p = out[key]
+            what = (f"{p['added']} file(s) added, {p['removed']} removed" if p["changed"] else "already current")
+            print(f"table: {p['table']}: {p['files']} committed file(s), {what}", file=stream, flush=True)
+    return out
+
+
+def claim_tables(storage: Storage, cfg: TableConfig, epoch: int | None = None) -> None:
+    """A new lock holder stamps its tables with its epoch before it deletes anything (`TablePublisher.claim`)."""
+    catalog = open_catalog(cfg, storage)
+    for name in (cfg.name, f"{cfg.name}_rejects"):
+        TablePublisher(cfg, storage, name=name, epoch=epoch, catalog=catalog).claim()
+
+
+def expire_index_versions(storage: Storage, dropped: list[str], stream: TextIO | None = None) -> int:
+    """`embedrank gc`, before it deletes `dropped` versions' files: expire their snapshots in the index's table
+    (the table config the current version recorded; nothing without one). Returns how many were expired."""
+    from pipelines.reindex.index import IndexRoot
+
+    index = IndexRoot(storage)
+    current = (index.current() or {}).get("version")
+    job = index.version_root(current).read_job_header() if current else None
+    cfg = recorded_table(job or {})
+    if cfg is None:
+        return 0
+    expired = TablePublisher(cfg, storage).expire_versions(dropped)
+    if stream is not None:
+        print(f"gc: table {cfg.namespace}.{cfg.name}: expired {expired} snapshot(s) of {', '.join(dropped)}",
+              file=stream, flush=True)
+    return expired
+
+
+class ProgressPublisher:
+    """While an embed job runs: every `publish_every_s`, the items committed so far (whole items only: a commit
+    record names every file of its item) as one snapshot, so readers follow a backfill's progress."""
+
+    def __init__(self, cfg: TableConfig, storage: Storage, fingerprint: dict[str, Any], fp_id: str, stream: TextIO,
+                 clock=None):
+        import time
+
+        self.cfg, self.storage, self.fingerprint, self.fp_id, self.stream = cfg, storage, fingerprint, fp_id, stream
+        self.clock = clock or time.monotonic
+        self.last = self.clock()
+        self.publisher: TablePublisher | None = None
+        self.published = 0
+
+    def __call__(self, commits: dict[str, Any], force: bool = False) -> None:
+        if not force and self.clock() - self.last < self.cfg.publish_every_s:
+            return
+        self.last = self.clock()
+        files = [_url(self.storage, self.storage.path(f.path)) for c in commits.values() for f in c.files]
+        if not files:
+            return
+        try:
+            if self.publisher is None:
+                found = CommittedSet(self.storage, files, [], self.fingerprint, self.fp_id, None, self.cfg)
+                self.publisher = publishers(found, self.cfg)[0]
+            done = self.publisher.publish(files)
+        except (LockLost, OutputError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a catalog hiccup must not stop a backfill; the end publishes
+            print(f"table: progress publication failed ({type(exc).__name__}: {exc}); retried later",
+                  file=self.stream, flush=True)
+            return
+        self.published += done.changed
+        if done.changed:
+            print(f"table: {done.table}: {len(commits)} committed item(s) published ({done.added} file(s) added)",
+                  file=self.stream, flush=True)

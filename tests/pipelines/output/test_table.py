@@ -1,0 +1,210 @@
+"""The committed output as an Apache Iceberg table (`pipelines.output.table`): exactly the committed files, each
+once, idempotent, converging after a crash on either side of the catalog's commit, index versions as tagged
+overwrite snapshots with time travel, gc expiring them, and a table of other columns refused.
+
+Outputs are built with the real commit protocol (`support.late_writer.run_output`, no Ray) on local disk and on
+the S3 server; catalogs are real: the embedded SQL catalog on SQLite, and a SQL catalog on a PostgreSQL server
+this module starts on 127.0.0.1 (`postgres_catalog`). The expected sets come from the commit records, read by
+the reader (`committed_files`, `read_committed`), never from the table code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from common.errors import OutputError
+from pipelines.config import TableConfig
+from pipelines.output.lock import OutputLock
+from pipelines.output.reader import committed_files, committed_listing, read_committed
+from pipelines.output.root import OutputRoot
+from pipelines.output.table import EPOCH, VERSION, expire_index_versions, open_catalog, publish_output
+from pipelines.reindex.index import IndexRoot
+from pipelines.storage import Storage
+from support.late_writer import attempt, item, run_output
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def table_config(store: Storage, tmp_path: Path, name: str = "docs") -> TableConfig:
+    """The embedded catalog for a local output; for S3, a SQL catalog on SQLite here with its warehouse in the
+    bucket (the S3 FileIO properties come from the output's storage options)."""
+    if store.is_local:
+        return TableConfig(name=name)
+    bucket = store.url.removeprefix("s3://").split("/")[0]
+    return TableConfig(name=name, catalog={"name": "s3cat", "properties": {
+        "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}})
+
+
+def load(store: Storage, cfg: TableConfig, name: str | None = None):
+    return open_catalog(cfg, store).load_table((cfg.namespace, name or cfg.name))
+
+
+def table_files(table, snapshot_id: int | None = None) -> list[str]:
+    return [t.file.file_path for t in table.scan(snapshot_id=snapshot_id).plan_files()]
+
+
+def ids_of(table: pa.Table) -> list[str]:
+    return sorted(table.column("id").to_pylist())
+
+
+def build(store: Storage, items, cfg: TableConfig, salt: float = 0.0):
+    with OutputLock(store, 30):
+        commits = run_output(OutputRoot(store), items, salt, recorded={"output": {"table": cfg.model_dump()}})
+        published = publish_output(store.url, store.storage_options, cfg)
+    return commits, published
+
+
+def test_the_table_names_exactly_the_committed_files_once_and_republishing_is_a_no_op(store, tmp_path):
+    cfg = table_config(store, tmp_path)
+    _, first = build(store, [item(1), item(2), item(3)], cfg)
+    expected = committed_files(store.url, store.storage_options)
+    table = load(store, cfg)
+    files = table_files(table)
+    assert sorted(files) == sorted(expected) and len(files) == len(set(files)) == 3
+    assert first["table"]["added"] == 3 and first["table"]["changed"]
+    got = table.scan().to_arrow()
+    want = read_committed(store.url, store.storage_options)
+    assert ids_of(got) == ids_of(want) == sorted(f"d{n}-{i}" for n in (1, 2, 3) for i in range(3))
+    by_id = dict(zip(got.column("id").to_pylist(), got.column("embedding").to_pylist()))
+    for i, vec in zip(want.column("id").to_pylist(), want.column("embedding").to_pylist()):
+        assert by_id[i] == pytest.approx(vec)
+    summary = table.current_snapshot().summary
+    assert summary[EPOCH] == "1" and summary["embedrank.fingerprint_id"] == "fpid-late-writer"
+    assert table.properties["embedrank.cast.embedding.duckdb"] == "CAST(embedding AS FLOAT[2])"
+    assert "list.to_array(2)" in table.schema().find_field("embedding").doc
+    snapshots = len(table.snapshots())
+
+    with OutputLock(store, 30):  # a rerun: the table is at the committed set, so nothing is committed
+        again = publish_output(store.url, store.storage_options, cfg)
+    assert not again["table"]["changed"] and again["table"]["added"] == again["table"]["removed"] == 0
+    assert len(load(store, cfg).snapshots()) == snapshots
+
+
+def test_a_replaced_record_swaps_its_file_in_the_table(tmp_path):
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    commits, _ = build(store, [item(1), item(2)], cfg)
+    lost = commits[item(2).item_id].files[0].path
+    os.remove(store.path(lost))  # a committed file removed by hand: the rerun recommits item 2 under a new name
+    _, second = build(store, [item(1), item(2)], cfg)
+    assert (second["table"]["added"], second["table"]["removed"]) == (1, 1)
+    files = table_files(load(store, cfg))
+    assert sorted(files) == sorted(committed_files(store.url)) and store.path(lost) not in files
+
+
+def _publish_cli(url: str, failpoint: str | None = None, options: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+           "EMBEDRANK_FAILPOINTS": failpoint or ""}
+    argv = [sys.executable, "-m", "pipelines.cli", "publish", url, "--json"]
+    for key, value in (options or {}).items():
+        argv += ["--storage-option", f"{key}={json.dumps(value)}"]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_crash_on_either_side_of_the_catalog_commit_converges_on_the_next_publish(tmp_path):
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    with OutputLock(store, 30):  # committed, never published: a crash between our commit and the table's
+        run_output(OutputRoot(store), [item(1), item(2)], recorded={"output": {"table": cfg.model_dump()}})
+    crashed = _publish_cli(store.url, "before_table_commit")
+    assert crashed.returncode == 137, crashed.stderr
+    table = load(store, cfg)
+    assert table.current_snapshot() is None and table_files(table) == []  # nothing half-published
+
+    done = _publish_cli(store.url)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["table"]["added"] == 2
+    assert sorted(table_files(load(store, cfg))) == sorted(committed_files(store.url))
+
+    with OutputLock(store, 30):  # a third item committed; the publisher dies right after the catalog's commit
+        run_output(OutputRoot(store), [item(1), item(2), item(3)], recorded={"output": {"table": cfg.model_dump()}})
+    crashed = _publish_cli(store.url, "after_table_commit")
+    assert crashed.returncode == 137, crashed.stderr
+    assert sorted(table_files(load(store, cfg))) == sorted(committed_files(store.url))
+    again = _publish_cli(store.url)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["table"] == {
+        **json.loads(again.stdout.splitlines()[-1])["table"], "changed": False, "added": 0, "removed": 0}
+    assert len(table_files(load(store, cfg))) == 3
+
+
+def test_files_prints_the_committed_files_with_rows_and_checksums(tmp_path):
+    import hashlib
+
+    store = Storage(str(tmp_path / "out"))
+    with OutputLock(store, 30):
+        run_output(OutputRoot(store), [item(1), item(2)])
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    plain = subprocess.run([sys.executable, "-m", "pipelines.cli", "files", store.url], capture_output=True,
+                           text=True, env=env, timeout=60, check=True)
+    assert plain.stdout.split() == committed_files(store.url)
+    rows = json.loads(subprocess.run([sys.executable, "-m", "pipelines.cli", "files", store.url, "--json"],
+                                     capture_output=True, text=True, env=env, timeout=60, check=True).stdout)
+    assert [r["url"] for r in rows] == committed_files(store.url) and sum(r["rows"] for r in rows) == 6
+    for r in rows:
+        assert r["sha256"] == hashlib.sha256(Path(r["url"]).read_bytes()).hexdigest()
+    assert rows == committed_listing(store.url)
+
+
+def test_a_table_with_other_columns_is_refused_naming_the_difference(tmp_path):
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    catalog = open_catalog(cfg, store)
+    catalog.create_namespace_if_not_exists("embedrank")
+    catalog.create_table(("embedrank", "docs"), schema=pa.schema([("id", pa.string()), ("text", pa.string())]))
+    with OutputLock(store, 30):
+        run_output(OutputRoot(store), [item(1)])
+        with pytest.raises(OutputError, match=r"other columns.*lacks: \['text'\].*lacks: \['embedding'\]"):
+            publish_output(store.url, None, cfg)
+    assert load(store, cfg).current_snapshot() is None
+
+
+def build_version(index: IndexRoot, items, salt: float, plan: str, cfg: TableConfig) -> str:
+    """One reindex version with the real index protocol (claim, attempt, commits, pointer swap), then published."""
+    with OutputLock(index.storage, 30):
+        index.claim()
+        base = (index.current() or {}).get("version")
+        target, _ = index.start_attempt(base, {**attempt(plan), "base": base}, sys.stderr)
+        run_output(index.version_root(target), items, salt, recorded={"index": {"table": cfg.model_dump()}})
+        index.publish(target, {"rows": 3 * len(items)})
+        publish_output(index.storage.url, index.storage.storage_options, cfg)
+    return target
+
+
+def test_index_versions_are_tagged_overwrite_snapshots_with_time_travel_and_gc_expires_them(tmp_path):
+    index = IndexRoot(Storage(str(tmp_path / "index")))
+    cfg = TableConfig(name="idx")
+    wanted = {}
+    for n, (items, salt) in enumerate([([item(1), item(2)], 0.0), ([item(1), item(3)], 1.0),
+                                       ([item(2), item(3), item(4)], 2.0)]):
+        name = build_version(index, items, salt, f"plan{n}", cfg)
+        wanted[name] = read_committed(index.storage.url)
+    assert list(wanted) == ["v000001", "v000002", "v000003"]
+    table = load(index.storage, cfg)
+    for name, rows in wanted.items():
+        snap = table.snapshot_by_name(name)
+        assert snap is not None and snap.summary[VERSION] == name
+        assert snap.summary.operation.value == ("append" if name == "v000001" else "overwrite")
+        got = table.scan(snapshot_id=snap.snapshot_id).to_arrow()
+        assert ids_of(got) == ids_of(rows)
+        want_vec = dict(zip(rows.column("id").to_pylist(), rows.column("embedding").to_pylist()))
+        for i, vec in zip(got.column("id").to_pylist(), got.column("embedding").to_pylist()):
+            assert vec == pytest.approx(want_vec[i])
+    assert sorted(table_files(table)) == sorted(committed_files(index.storage.url))
+
+    with OutputLock(index.storage, 30):
+        result = index.gc(1, sys.stderr, before_delete=lambda dropped: expire_index_versions(index.storage, dropped))
+    assert result["collected"] == ["v000001", "v000002"]
+    table = load(index.storage, cfg)
+    assert table.snapshot_by_name("v000001") is None and table.snapshot_by_name("v000002") is None
+    assert {s.summary[VERSION] for s in table.snapshots()} == {"v000003"}
+    assert ids_of(table.scan().to_arrow()) == ids_of(wanted["v000003"])  # every file it names is still there
+    assert ids_of(table.scan(snapshot_id=table.snapshot_by_name("v000003").snapshot_id).to_arrow()) == \
+        ids_of(wanted["v000003"])
