@@ -126,6 +126,20 @@ def test_each_room_imports_only_what_its_place_allows(room):
     assert not found, f"{room}/ imports what it must not: {found}"
 
 
+def test_the_output_room_never_reaches_up_into_a_jobs_package():
+    """pipelines/output/ sits below the jobs: it follows an index's pointer through its own read side
+    (`output.index_pointer`) and never imports pipelines.embed, rerank, reindex, the lifecycle or the CLI."""
+    above = ("pipelines.embed", "pipelines.rerank", "pipelines.reindex", "pipelines.lifecycle", "pipelines.cli")
+    found = {}
+    for path in sorted((REPO / "pipelines" / "output").rglob("*.py")):
+        module, is_package = module_name(path)
+        bad = sorted(m for m in imported_modules(path.read_text(encoding="utf-8"), module, is_package)
+                     for top in above if m == top or m.startswith(top + "."))
+        if bad:
+            found[str(path.relative_to(REPO))] = bad
+    assert not found, f"pipelines/output/ imports a job's package: {found}"
+
+
 RAY_MODULES = {"pipelines/graph.py": "wires every Ray Data graph", "pipelines/ray_runtime.py": "starts or joins Ray",
                "pipelines/watchdog.py": "watches a running pipeline"}
 

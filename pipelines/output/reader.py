@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from common.errors import OutputError
 from pipelines.output.records import FileRef, ItemCommit
+from pipelines.output.index_pointer import current_version, version_storage
 from pipelines.output.root import JOB_FILE, OutputRoot
 from pipelines.storage import Storage
 from pipelines import parquet_bytes
@@ -24,11 +25,9 @@ from pipelines import parquet_bytes
 
 def current_version_url(output: str, storage_options: dict[str, Any] | None = None) -> str:
     """For an index root, the URL of its current version; any other output, itself."""
-    from pipelines.reindex.index import IndexRoot
-
-    index = IndexRoot(Storage(output, storage_options))
-    pointer = None if index.storage.exists(JOB_FILE) else index.current()
-    return index.version_url(pointer["version"]) if pointer else output
+    storage = Storage(output, storage_options)
+    version = None if storage.exists(JOB_FILE) else current_version(storage)
+    return version_storage(storage, version).url if version else output
 
 
 def open_committed(output: str, storage_options: dict[str, Any] | None) -> tuple[OutputRoot, dict[str, Any],

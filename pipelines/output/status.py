@@ -14,6 +14,7 @@ from typing import Any
 
 from common.errors import OutputError
 from pipelines.output import plan_store
+from pipelines.output.index_pointer import current_version, version_folders, version_storage
 from pipelines.output.lock import LOCK_FILE, is_released, owner_gone
 from pipelines.output.records import ItemCommit, sum_reasons
 from pipelines.output.root import JOB_FILE, OutputRoot
@@ -64,16 +65,13 @@ class _Sums:
 
 def _newest_version(storage: Storage) -> tuple[OutputRoot, dict[str, Any] | None]:
     """For an index root: the newest version (the one a running reindex builds) and what the pointer names."""
-    from pipelines.reindex.index import IndexRoot
-
-    index = IndexRoot(storage)
-    versions = index.versions()
+    versions = version_folders(storage)
     if not versions:
         return OutputRoot(storage), None
-    current = (index.current() or {}).get("version")
-    started = [v for v in versions if index.storage.exists(f"{v}/{JOB_FILE}")] or versions
+    current = current_version(storage)
+    started = [v for v in versions if storage.exists(f"{v}/{JOB_FILE}")] or versions
     # a version whose run died before recording its work items (during its diff) has nothing to report yet
-    return index.version_root(started[-1]), {"version": started[-1], "current_version": current}
+    return OutputRoot(version_storage(storage, started[-1])), {"version": started[-1], "current_version": current}
 
 
 def job_status(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

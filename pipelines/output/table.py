@@ -34,6 +34,7 @@ import pyarrow as pa
 from common import failpoints
 from common.errors import LockLost, OutputError
 from pipelines.config import TableConfig
+from pipelines.output.index_pointer import current_version, version_storage
 from pipelines.output.lock import fence, held_epoch
 from pipelines.storage import Storage
 
@@ -393,13 +394,12 @@ def recorded_table(job: dict[str, Any]) -> TableConfig | None:
 def committed_set(output: str, storage_options: dict[str, Any] | None = None) -> CommittedSet:
     """The committed files of an output, or of an index root's current version."""
     from pipelines.output.reader import committed_refs, open_committed
-    from pipelines.reindex.index import IndexRoot
 
     storage = Storage(output, storage_options)
     root, job, commits = open_committed(output, storage_options)
     version = None
     if root.storage.url != storage.url:
-        version = (IndexRoot(storage).current() or {}).get("version")
+        version = current_version(storage)
 
     def urls(rejects: bool) -> list[str]:
         refs = committed_refs(root, job, commits, rejects)
@@ -462,11 +462,10 @@ def claim_tables(storage: Storage, cfg: TableConfig, epoch: int | None = None) -
 def expire_index_versions(storage: Storage, dropped: list[str], stream: TextIO | None = None) -> int:
     """`embedrank gc`, before it deletes `dropped` versions' files: expire their snapshots in the index's table
     (the table config the current version recorded; nothing without one). Returns how many were expired."""
-    from pipelines.reindex.index import IndexRoot
+    from pipelines.output.root import OutputRoot
 
-    index = IndexRoot(storage)
-    current = (index.current() or {}).get("version")
-    job = index.version_root(current).read_job_header() if current else None
+    current = current_version(storage)
+    job = OutputRoot(version_storage(storage, current)).read_job_header() if current else None
     cfg = recorded_table(job or {})
     if cfg is None:
         return 0

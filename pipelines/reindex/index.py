@@ -27,34 +27,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import posixpath
-import re
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from common import failpoints
 from common.errors import OutputError
 from pipelines.output.control import read_control, record_epoch, write_control
+from pipelines.output.index_pointer import (  # noqa: F401  (CURRENT_FILE, version_name: this module's API too)
+    CURRENT_FILE,
+    parse_pointer,
+    version_folders,
+    version_name,
+    version_number,
+    version_storage,
+)
 from pipelines.output.lock import fence, held_epoch
 from pipelines.output.root import OutputRoot
 from pipelines.storage import PreconditionFailed, Storage
 
-CURRENT_FILE = "_CURRENT.json"
 REINDEX_FILE = "_reindex.json"
 DIGESTS_FILE = "_digests.json"
-_VERSION = re.compile(r"^v(\d{6})$")
-
-
-def version_name(number: int) -> str:
-    return f"v{number:06d}"
-
-
-def version_number(name: str | None) -> int:
-    if name is None:
-        return 0
-    match = _VERSION.match(name)
-    if match is None:
-        raise OutputError(f"{name!r} is not a version name (v000001, v000002, …)")
-    return int(match.group(1))
 
 
 def _now() -> str:
@@ -87,8 +79,7 @@ class IndexRoot:
         found = self.storage.read_versioned(CURRENT_FILE)
         if self._pointer_seen is None:
             self._pointer_seen = (found[1] if found else None,)
-        pointer = json.loads(found[0]) if found else None
-        return pointer if pointer and pointer.get("version") else None
+        return parse_pointer(found[0] if found else None)
 
     def claim(self) -> None:
         """Stamp the pointer with this writer's lease epoch (`If-Match` on the version read; before the first
@@ -100,13 +91,13 @@ class IndexRoot:
         self._pointer_seen = (etag,)
 
     def versions(self) -> list[str]:
-        return sorted(d for d in self.storage.list_dirs() if _VERSION.match(d))
+        return version_folders(self.storage)
 
     def version_url(self, name: str) -> str:
         return f"{self.storage.url}/{name}"
 
     def version_root(self, name: str) -> OutputRoot:
-        return OutputRoot(Storage(self.version_url(name), self.storage.storage_options))
+        return OutputRoot(version_storage(self.storage, name))
 
     def attempt_state(self, name: str) -> dict[str, Any] | None:
         """Version `name`'s attempt state (without the epoch of its last writer)."""
