@@ -1,5 +1,5 @@
 """The reader API: committed files, a pyarrow dataset and a Ray Dataset over exactly them, the same rows as the
-in-memory table, on local disk and S3; and the README's snippets (pandas, Polars, DuckDB, LanceDB) on a real output.
+in-memory table, on local disk and S3; and the documented snippets (README, docs/output.md: pandas, Polars, DuckDB, LanceDB) on a real output.
 
 One small embedding output (partitioned by `lang`, so files sit in Hive-style folders) is built per module on
 the session Ray and copied to the S3 server.
