@@ -2,21 +2,40 @@
 # (unit tests only: no Ray, no S3 server, no job processes). All set up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU wheel first, so that no dependency pulls a multi-GB CUDA build of torch.
+# torch first, so that no dependency pulls another build of it. On a machine without an NVIDIA GPU (no
+# `nvidia-smi`) it comes from PyTorch's CPU wheel index, where that index answers within 5 s: the default index
+# (PyPI) serves Linux the CUDA build, several GB of it. Elsewhere, and where only the default index is reachable
+# (as on this project's machines), from the default index. TORCH_INDEX=URL forces an index, TORCH_INDEX=default
+# the default one; `make torch-index` prints the choice.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_INDEX_SH = case "$(TORCH_INDEX)" in \
+	  default) ;; \
+	  ?*) echo "$(TORCH_INDEX)" ;; \
+	  *) command -v nvidia-smi >/dev/null 2>&1 || \
+	     ! $(PYTHON) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+	       "$(TORCH_CPU_INDEX)/" >/dev/null 2>&1 || echo "$(TORCH_CPU_INDEX)" ;; \
+	esac
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embedrank-installed
 
-.PHONY: setup demo test test-fast clean chromium
+.PHONY: setup demo test test-fast clean chromium torch-index
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]'
+	@index="$$($(TORCH_INDEX_SH))"; \
+	  echo "installing $(TORCH_SPEC) from $${index:-the default index}"; \
+	  $(PY) -m pip install --quiet "$(TORCH_SPEC)" $${index:+--index-url "$$index"}
+	$(PY) -m pip install --quiet -e '.[test,demo]'
 	touch $(STAMP)
+
+# The index torch comes from (empty: the default index); see TORCH_INDEX above.
+torch-index:
+	@$(TORCH_INDEX_SH)
 
 demo: $(STAMP)
 	$(VENV)/bin/embedrank demo

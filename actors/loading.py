@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from actors.settings import dtype_name
 from common.errors import ModelLoadError
 from common.model_cache import is_model_url, local_model_dir
+from common.model_families import check_architecture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +83,13 @@ def config_pad_id(config: Any) -> int:
 
 
 def _from_pretrained(auto_class, path: str, revision: str | None, dtype: torch.dtype,
-                     device: torch.device, attn_implementation: str | None = None) -> torch.nn.Module:
+                     device: torch.device, attn_implementation: str | None = None,
+                     task: str = "embed") -> torch.nn.Module:
+    try:  # the architecture first (a hub id's config.json is not fetched by the driver's preflight)
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.path {path!r}: cannot load model ({exc})") from None
+    check_architecture(path, config.to_dict(), task)
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar per replica in a job's output
     try:
         model = auto_class.from_pretrained(
@@ -102,4 +109,4 @@ def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torc
 
 def load_causal_lm(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A model with its language-model head, as the reranker needs (it reads the "yes"/"no" rows of the head)."""
-    return _from_pretrained(AutoModelForCausalLM, path, revision, dtype, device)
+    return _from_pretrained(AutoModelForCausalLM, path, revision, dtype, device, task="rerank")

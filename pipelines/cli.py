@@ -1,4 +1,6 @@
-"""`embedrank` command line: embed, rerank, reindex, versions, gc, verify, status, report, files, publish, demo.
+"""`embedrank` command line: the jobs (embed, rerank, reindex) and the tools around their outputs.
+
+versions, gc, verify, status, report, files, publish; schema (a config's JSON Schema); demo.
 
 User mistakes (bad config, unreadable input, refused output, compute that the cluster can never serve) print
 one clear message and exit 2; they never print a traceback. SIGINT / SIGTERM stop a job cleanly: exit 130 / 143
@@ -195,6 +197,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema of a job's config, for editors (the YAML language server validates and completes with it)."""
+    from pipelines.config_doc import json_schema
+
+    print(json.dumps(json_schema(args.job), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -252,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--lock-stale-s", type=float, default=600.0, help="take over an index lock older than this")
     gc.add_argument("--allow-unconditional-store", action="store_true",
                     help="run on a store that ignores conditional writes (refused by default; unfenced)")
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of a job's config (for editors)")
+    schema.add_argument("job", nargs="?", default="embed", choices=tuple(JOBS), help="which job (default: embed)")
+    schema.set_defaults(func=cmd_schema)
 
     demo = sub.add_parser("demo", help="generate a sample corpus and run the demo job end to end on local Ray")
     demo.add_argument("--workdir", default=".demo", help="where the corpus, model and output go")

@@ -7,6 +7,7 @@ vectors carry no meaning.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import pathlib
 import random
@@ -23,7 +24,8 @@ from pipelines.embed.job import run_embed
 from pipelines.output.reader import read_committed
 from pipelines.output.verify import verify_output
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = pathlib.Path(str(importlib.resources.files("configs") / "demo.yaml"))
+"""configs/ ships with the code (package data), so an installed embedrank finds it as a checkout does."""
 WORDS = ("ray data embeds every shard of the corpus exactly once while replicas of the model run "
          "batches sorted by length under a token budget and the driver commits work items atomically "
          "so a crash loses nothing and a rerun resumes where it stopped").split()

@@ -258,25 +258,26 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
         if on_commit is not None:  # e.g. the Iceberg table's progress snapshot, every publish_every_s
             on_commit(commits)
 
-    for commit in committer.commit_empty():
-        record(commit)
-    for commit in committer.commit_bad_files(
-            lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, work.fingerprint,
-                                           work.reject_id_columns, root.epoch)):
-        record(commit)
-    if committer.pending:
-        pending = [s.item for s in committer.pending.values()]
-        for row in stream_rows(lambda: work.build_graph(pending), run):
-            piece = Piece.from_row(row)
-            startup.note_replicas(piece.replica_startup)
-            for commit in committer.add(piece):
+    with progress.ticking():  # a line on a timer too: long items still show the job alive
+        for commit in committer.commit_empty():
+            record(commit)
+        for commit in committer.commit_bad_files(
+                lambda item: write_file_reject(root.storage, item.item_id, item.bad_reason, work.fingerprint,
+                                               work.reject_id_columns, root.epoch)):
+            record(commit)
+        if committer.pending:
+            pending = [s.item for s in committer.pending.values()]
+            for row in stream_rows(lambda: work.build_graph(pending), run):
+                piece = Piece.from_row(row)
+                startup.note_replicas(piece.replica_startup)
+                for commit in committer.add(piece):
+                    startup.note_item()
+                    record(commit)
+            for commit in committer.finish(run.stall_timeout_s):
                 startup.note_item()
                 record(commit)
-        for commit in committer.finish(run.stall_timeout_s):
-            startup.note_item()
+        for commit in _commit_empty_jsonl(committer, work.source):
             record(commit)
-    for commit in _commit_empty_jsonl(committer, work.source):
-        record(commit)
     progress.close()
     ray_start = last_ray_start()
     if ray_start is not None:

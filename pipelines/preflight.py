@@ -9,9 +9,11 @@ from typing import Any
 
 from common.errors import ModelLoadError
 from common.model_cache import is_model_url, read_remote_json, remote_model
+from common.model_families import check_architecture
 
 
-def _check_model_config(path: str, config: dict[str, Any], dimensions: int | None) -> None:
+def _check_model_config(path: str, config: dict[str, Any], dimensions: int | None, task: str) -> None:
+    check_architecture(path, config, task)
     if config.get("embedrank_random_init"):
         print(f"NOTE: {path} is a randomly initialised model; its outputs are not meaningful", file=sys.stderr)
     hidden = config.get("hidden_size")
@@ -20,15 +22,16 @@ def _check_model_config(path: str, config: dict[str, Any], dimensions: int | Non
 
 
 def preflight_model(path: str, dimensions: int | None = None, storage_options: dict[str, Any] | None = None,
-                    revision: str | None = None) -> None:
-    """A local or remote (URL) model directory exists, holds config.json and safetensors weights, and fits the
-    requested dimensions. A URL model is only listed here (and its config.json read); replicas fetch it."""
+                    revision: str | None = None, task: str = "embed") -> None:
+    """A local or remote (URL) model directory exists, holds config.json and safetensors weights, is an
+    architecture `task` (embed or rerank) implements, and fits the requested dimensions. A URL model is only
+    listed here (and its config.json read); replicas fetch it. A hub id is checked where it is loaded."""
     if is_model_url(path):
         if revision is not None:
             raise ModelLoadError(f"model.revision is for hub ids; model.path {path!r} is a URL, versioned by "
                                  "its files (use a new path per model version)")
         remote_model(path, storage_options)
-        _check_model_config(path, read_remote_json(path, "config.json", storage_options), dimensions)
+        _check_model_config(path, read_remote_json(path, "config.json", storage_options), dimensions, task)
         return
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/")):
@@ -45,4 +48,4 @@ def preflight_model(path: str, dimensions: int | None = None, storage_options: d
             + (f" (only pickle files {pickled}, which embedrank never loads: convert them to safetensors)"
                if pickled else ""))
     with open(config_file) as fh:
-        _check_model_config(path, json.load(fh), dimensions)
+        _check_model_config(path, json.load(fh), dimensions, task)

@@ -1,16 +1,18 @@
 """Progress while a job runs and the summary at its end.
 
 On a terminal the progress is one line redrawn in place (at most 5 times a second); elsewhere (cron, a file,
-`ray job submit` logs) it is a plain line every `run.progress_interval_s`. Other lines printed while a bar is
+`ray job submit` logs) it is a plain line every `run.progress_interval_s`, on a timer as well as when items commit. Other lines printed while a bar is
 drawn go through `emit`, which clears the bar first; `end_line` ends a bar before an error or stop message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
+import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from pipelines.output.records import ItemCommit
 
@@ -79,15 +81,22 @@ class Progress:
         self.items = self.rows = self.rejected = self.tokens = 0
         self.started = self._last = time.monotonic()
         self.bar = _is_tty(self.stream)
+        self._lock = threading.Lock()
         _current[:] = [self]
 
     def update(self, commit: ItemCommit) -> None:
-        self.items += 1
-        self.rows += commit.rows
-        self.rejected += commit.rejected
-        self.tokens += commit.tokens
-        now = time.monotonic()
-        if now - self._last >= (REDRAW_S if self.bar else self.interval):
+        with self._lock:
+            self.items += 1
+            self.rows += commit.rows
+            self.rejected += commit.rejected
+            self.tokens += commit.tokens
+        self._show(REDRAW_S if self.bar else self.interval)
+
+    def _show(self, min_gap: float) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < min_gap:
+                return
             self._last = now
             if self.bar:
                 self.stream.write(f"\r{self.line()}\x1b[K")
@@ -95,6 +104,24 @@ class Progress:
                 _open_bars[id(self.stream)] = self.stream
             else:
                 self.print_line()
+
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[None]:
+        """While the items phase runs, the progress shows on a timer too, not only when an item commits: a line
+        every `interval` (a bar redrawn every second), so a job whose items take long still says it is alive."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(min(self.interval, 1.0)):
+                self._show(min(self.interval, 1.0) if self.bar else self.interval)
+
+        thread = threading.Thread(target=tick, name="embedrank-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=2.0)
 
     @property
     def elapsed(self) -> float:
@@ -127,6 +154,10 @@ class Progress:
 
     def close(self) -> None:
         """The items phase is over: a bar drawn on a terminal is cleared (the summary prints the last figures)."""
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         if id(self.stream) in _open_bars:
             del _open_bars[id(self.stream)]
             self.stream.write("\r\x1b[K")

@@ -2,9 +2,9 @@
 stopping cleanly.
 
 Output: unless `--verbose`, only embedrank's own lines and real warnings and errors reach the terminal. Ray's
-logs stay in its session's log directory (printed at start): its loggers print warnings and up, worker output
-is not forwarded (`log_to_driver=False`; errors the raylet reports still are), Ray Data's console shows warnings
-minus the notice that its progress bars are off, Ray's notice that token authentication is on is dropped, and
+logs stay in its session's log directory (printed at start): its loggers print errors only, worker output
+is not forwarded (`log_to_driver=False`; errors the raylet reports still are), Ray Data's console and Ray's
+Python warnings show errors only (`quiet_ray_warnings`), Ray's notice that token authentication is on is dropped, and
 (in the `embedrank` command only) the info/warning/error lines that Ray's C++ core writes to the driver's
 stderr besides its log file (e.g. a `core_worker.cc` error about constructor arguments for every actor pool) are
 filtered out of file descriptor 2.
@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
@@ -386,7 +387,7 @@ def ensure_ray(address: str | None = None, stream: TextIO | None = None) -> None
     verbose = _driver.verbose
     if not verbose:
         _quiet_ray_logs()
-    options: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    options: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **options)
@@ -429,10 +430,18 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     if _driver.verbose:
         return
+    quiet_ray_warnings()
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
-            handler.setLevel(logging.WARNING)
-            _add_filter_once(handler, "Progress bars disabled")
+            handler.setLevel(logging.ERROR)
+
+
+def quiet_ray_warnings() -> None:
+    """Without `--verbose` no Ray warning reaches the terminal (e.g. Ray Data's "Specifying both num_cpus and
+    num_gpus for map tasks is experimental" on every GPU job): Ray Data's console handler and Ray's own logger
+    show errors only, and Python warnings raised in Ray's modules are ignored. Ray's log files keep them all."""
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 def stream_rows(build_graph: Callable[[], Any], run: RunConfig,

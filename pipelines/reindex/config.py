@@ -17,8 +17,9 @@ class IndexConfig(VectorOutputs):
     table: TableConfig | None = Field(None, description="Also publish the index as an Apache Iceberg table: each "
                                       "published version one overwrite snapshot, tagged with its name.")
     diff_partitions: int = Field(
-        16, gt=0, description="Unused, accepted so that older configs still load: the diff and the carry no longer "
-        "shuffle (each input file is compared with the current version's rows of the same file inside one task).",
+        16, gt=0, description="Deprecated and ignored (accepted so that older configs still load; leave it out): the "
+        "diff and the carry no longer shuffle (each input file is compared with the current version's rows of the "
+        "same file inside one task).",
     )
 
 

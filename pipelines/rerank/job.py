@@ -96,7 +96,8 @@ class RerankJob(JobSpec):
     config_type = RerankJobConfig
 
     def preflight(self, cfg: RerankJobConfig) -> None:
-        preflight_model(cfg.model.path, storage_options=cfg.model_storage_options, revision=cfg.model.revision)
+        preflight_model(cfg.model.path, storage_options=cfg.model_storage_options, revision=cfg.model.revision,
+                        task="rerank")
 
     def plan(self, cfg: RerankJobConfig, stream: TextIO) -> "RerankPlan":
         plan = super().plan(cfg, stream)

@@ -41,3 +41,14 @@ def test_one_rule_for_auto_dtype_on_either_device():
     assert dtype_name("auto", on_gpu=True) == "bfloat16" and dtype_name("auto", on_gpu=False) == "float32"
     assert dtype_name("float16", on_gpu=False) == "float16"
     assert resolve_dtype("auto", torch.device("cpu")) is getattr(torch, dtype_name("auto", on_gpu=False))
+
+
+def test_a_replica_refuses_another_architecture_before_loading_it(tmp_path):
+    """Hub ids skip the driver's preflight (their config.json is not fetched there): the replica's load checks."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"is a bert model \(BertModel\); embed implements the pooling and "
+                                             r"prompts of Qwen3 only"):
+        load_model(str(tmp_path), None, torch.float32, torch.device("cpu"))

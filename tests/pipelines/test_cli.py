@@ -148,3 +148,36 @@ def _status_exits_cleanly_every_time(out, expected):
             assert f"rows {expected['rows']:,} committed" in proc.stdout
         assert "terminate called" not in proc.stderr
     assert codes == [0] * STATUS_RUNS
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A BGE/E5-like checkpoint (BertModel: CLS or mean pooling, its own prompts), saved as safetensors."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path / "tiny-bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(path)
+    return path
+
+
+def test_models_of_another_architecture_are_refused_naming_what_is_supported(
+        local_job, tiny_bert, tiny_embedding_model, tiny_reranker_model, capsys):
+    cfg, out = local_job
+    assert main(["embed", str(cfg), "--set", f"model.path={tiny_bert}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path '{tiny_bert}' is a bert model (BertModel); embed implements the pooling and prompts of " \
+           "Qwen3 only (model_type qwen3: Qwen3Model or Qwen3ForCausalLM" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # a Qwen3 reranker checkpoint is a Qwen3ForCausalLM: an embedding may use it, so the check lets it through
+    assert main(["embed", str(cfg), "--dry-run", "--set", f"model.path={tiny_reranker_model}"]) == 0
+    capsys.readouterr()
+    # the reranker reads the LM head's yes/no rows: the tiny embedding checkpoint (a Qwen3Model) is refused for it
+    from common.errors import ModelLoadError
+    from pipelines.preflight import preflight_model
+
+    with pytest.raises(ModelLoadError, match=r"is a qwen3 model \(Qwen3Model\); rerank implements the pooling "
+                                             r"and prompts of Qwen3 only \(model_type qwen3: Qwen3ForCausalLM"):
+        preflight_model(str(tiny_embedding_model), task="rerank")
+    preflight_model(str(tiny_reranker_model), task="rerank")
+    assert not out.exists()

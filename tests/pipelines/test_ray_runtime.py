@@ -24,6 +24,11 @@ with driver_session(verbose={verbose}):
     pool = ray.data.ActorPoolStrategy(size=1)  # Ray's core logs an error about every such pool's constructor
     ds = ray.data.range(8, override_num_blocks=2).map_batches(Loud, compute=pool, num_cpus=0.5)
     print(sum(r["id"] for r in ds.iter_rows()), flush=True)
+    # what every GPU job made Ray Data say (Ray's own code, through its own logger), and a Python warning of Ray's
+    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+    _canonicalize_ray_remote_args({{"num_cpus": 1, "num_gpus": 1}})
+    import warnings
+    warnings.warn_explicit("a warning of Ray's", UserWarning, "dataset.py", 1, module="ray.data.dataset")
     print("READY", flush=True)
     import sys; sys.stdin.read()  # the test looks at Ray's listeners meanwhile
 """
@@ -59,9 +64,12 @@ def test_embedded_ray_listens_on_loopback_and_only_our_lines_reach_the_terminal_
     if verbose:
         # Ray's and Ray Data's own lines come back (workers' output too, but that arrives asynchronously)
         assert "Started a local Ray instance" in stderr and "execution finished" in stderr
+        assert "Specifying both num_cpus and num_gpus for map tasks is experimental" in stderr
+        assert "a warning of Ray's" in stderr
         assert "--verbose shows them here" not in started[0]
     else:
-        assert stderr.splitlines() == started, stderr  # no token notice, core_worker.cc, Ray Data lines
+        # no token notice, core_worker.cc, Ray Data lines, Ray Data's warning of every GPU job, Ray's warnings
+        assert stderr.splitlines() == started, stderr
         assert started[0].endswith("/logs; --verbose shows them here)") and "replica output" not in stdout
 
 

@@ -1,10 +1,12 @@
 """The reader API: committed files, a pyarrow dataset and a Ray Dataset over exactly them, the same rows as the
-in-memory table, on local disk and S3; and the README's snippets (pandas, Polars, DuckDB, LanceDB) on a real output.
+in-memory table, on local disk and S3; and the documented snippets (README, docs/output.md: pandas, Polars, DuckDB, LanceDB) on a real output.
 
 One small embedding output (partitioned by `lang`, so files sit in Hive-style folders) is built per module on
 the session Ray and copied to the S3 server.
 """
 
+import pathlib
+import re
 import uuid
 
 import numpy as np
@@ -123,6 +125,37 @@ def test_the_readme_snippets(outputs, tmp_path):
     docs = db.create_table("docs", open_dataset(out).scanner(columns=["id", "embedding"]).to_reader())
     hits = docs.search(query).distance_type("cosine").limit(3).to_list()
     assert docs.count_rows() == whole.num_rows and hits[0]["id"] == whole.column("id")[0].as_py()
+
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+
+
+def python_blocks(page: str) -> list[str]:
+    """The ```python blocks of a page of the repository, in order."""
+    return re.findall(r"^```python\n(.*?)^```", (REPO / page).read_text(), flags=re.M | re.S)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/output.md"])
+def test_the_documented_snippets_run_as_written(outputs, tmp_path, page):
+    """Every Python snippet of README's "Reading the output" and of docs/output.md, executed as the page has it
+    (one namespace, in order) on a real output: only the output URL, the LanceDB folder and the vector width are
+    put in."""
+    out, _ = outputs["local"]
+    whole = read_committed(out).sort_by("id")
+    query = np.asarray(whole.column("embedding")[0].values, dtype=np.float32)
+    blocks = python_blocks(page)
+    assert blocks and "from pipelines.output.reader import" in blocks[0]
+    namespace = {"query_vector": query.tolist()}
+    for block in blocks:
+        code = (block.replace('"s3://bucket/vectors/v1"', repr(out)).replace('"/data/lance"', repr(str(tmp_path)))
+                .replace("FLOAT[1024]", f"FLOAT[{DIM}]"))
+        exec(compile(code, f"{page} snippet", "exec"), namespace)  # noqa: S102 - the page's own code
+    assert namespace["table"].num_rows == whole.num_rows == 39
+    assert sorted(namespace["files"]) == sorted(committed_files(out))
+    if page == "docs/output.md":
+        assert len(namespace["df"]) == 39 and namespace["rows"] == 39
+        assert sorted(namespace["de"]["id"]) == sorted(r["id"] for r in whole.to_pylist() if r["lang"] == "de")
+        assert namespace["hits"][0]["id"] == whole.column("id")[0].as_py()
 
 
 def test_duckdb_reads_both_vector_dtypes_from_the_files_as_written(tmp_path):
