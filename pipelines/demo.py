@@ -57,6 +57,17 @@ def write_sample_corpus(folder: pathlib.Path, rows: int, shards: int = 3, seed: 
     return paths
 
 
+STAND_IN_WIDTH = 128
+"""The offline stand-in model's embedding width, unless the config asks for more."""
+
+
+def stand_in_width(cfg: EmbedJobConfig) -> int:
+    """The stand-in's width: `STAND_IN_WIDTH`, or the widest `dimensions` the config asks for (model or vector
+    columns), rounded up to a multiple of 64, so that every configured column can be cut from it."""
+    asked = [cfg.model.dimensions or 0] + [v.dimensions or 0 for v in cfg.output.vectors or []]
+    return max(STAND_IN_WIDTH, -(-max(asked) // 64) * 64)
+
+
 def hub_reachable(model_id: str, timeout: float = 3.0) -> bool:
     """Whether `model_id` can be used: a local directory, or a hub id the hub answers for."""
     if os.path.isdir(model_id):
@@ -87,9 +98,11 @@ def run_demo(workdir: str, rows: int = 2000, config: str | None = None, override
     if not hub_reachable(cfg.model.path):
         from actors.random_qwen import build_random_qwen3
 
-        model_dir = work / "random-qwen3-embedding"
+        hidden = stand_in_width(cfg)
+        name = "random-qwen3-embedding" + ("" if hidden == STAND_IN_WIDTH else f"-{hidden}")
+        model_dir = work / name
         if not (model_dir / "config.json").exists():
-            build_random_qwen3(model_dir, kind="embedding", hidden_size=128, num_layers=2, num_heads=4,
+            build_random_qwen3(model_dir, kind="embedding", hidden_size=hidden, num_layers=2, num_heads=4,
                                num_kv_heads=2)
         print(f"NOTE: the model hub is not reachable, so this demo uses a small RANDOMLY INITIALISED Qwen3 "
               f"model with the real Qwen tokenizer ({model_dir}). The pipeline is real; the vectors are NOT "
@@ -101,9 +114,10 @@ def run_demo(workdir: str, rows: int = 2000, config: str | None = None, override
     print(f"verify: {'invariant holds' if report.ok else report.problems} · {report.counts}")
     if table.num_rows:
         first = table.slice(0, 1).to_pylist()[0]
-        vec = first["embedding"]
-        print(f"read back {table.num_rows} rows; first id {first['id']!r}, dim {len(vec)}, "
-              f"head {[round(v, 4) for v in vec[:4]]}")
+        for column in cfg.output.vector_column_names():
+            vec = first[column]
+            print(f"read back {table.num_rows} rows; first id {first['id']!r}, {column} "
+                  f"{table.schema.field(column).type.value_type}[{len(vec)}], head {[round(v, 4) for v in vec[:4]]}")
     if cfg.output.table is not None:
         from pipelines.output.table import open_catalog
         from pipelines.storage import Storage

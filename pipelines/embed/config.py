@@ -115,6 +115,19 @@ class VectorOutputs(Strict):
             raise ValueError(f"vectors: {clash} name columns the output has already")
         return self
 
+    @model_validator(mode="after")
+    def _table_takes_no_half_floats(self) -> "VectorOutputs":
+        """Iceberg has no 16-bit float: refused here, before any work, rather than when the run publishes."""
+        if getattr(self, "table", None) is None:
+            return self
+        half = ([v.column for v in self.vectors if v.dtype == "float16"] if self.vectors is not None
+                else ["embedding"] if self.vector_dtype == "float16" else [])
+        if half:
+            raise ValueError(f"table: Iceberg has no 16-bit float type, so vector column(s) {', '.join(half)} "
+                             "(float16) cannot be published: use dtype float32 for them, or int8/uint8/binary/ubinary, "
+                             "or drop the table")
+        return self
+
     def vector_specs(self) -> list[VectorSpec] | None:
         """The configured columns (None: the single default column)."""
         return None if self.vectors is None else [v.spec() for v in self.vectors]

@@ -127,9 +127,11 @@ def iceberg_schema(schema: pa.Schema, docs: dict[str, str]):
     from pyiceberg.catalog import Catalog
     from pyiceberg.schema import Schema, assign_fresh_schema_ids
 
-    if any(pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type) for f in schema):
-        raise OutputError("Iceberg has no 16-bit float type: a table needs output.vector_dtype float32 (or int8/uint8/"
-                          "binary vector columns)")
+    half = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type)]
+    if half:
+        raise OutputError(f"Iceberg has no 16-bit float type, so vector column(s) {', '.join(map(repr, half))} "
+                          "(float16) cannot be published: use dtype float32 for them (output.vectors[].dtype, or "
+                          "output.vector_dtype), or int8/uint8/binary/ubinary, or drop output.table")
     fresh = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema.remove_metadata()))
     return Schema(*[f.model_copy(update={"doc": docs.get(f.name, f.doc)}) for f in fresh.fields])
 

@@ -1,7 +1,9 @@
 """`embedrank verify`: the exactly-once invariant of an output, checked against its commit records.
 
 For input ids I, output ids O and rejected ids R: O ∪ R = I, O ∩ R = ∅, no id twice; every file a commit
-names exists and matches its recorded row count and checksum; no piece file is left that no commit names.
+names exists and matches its recorded row count and checksum; no piece file is left that no commit names. An
+embedding output's data files hold exactly its fingerprint's vector columns, typed and sized as configured, float
+vectors L2-unit (`vector_schema`; a full check only).
 
 Three ways to check, one Report:
 - quick: the control files and the listings only (every planned item committed, each commit's recorded rows
@@ -31,6 +33,7 @@ from pipelines.output.pieces import PIECE_DIRS
 from pipelines.output.reader import is_rerank, open_committed
 from pipelines.output.records import ItemCommit, RankCommit
 from pipelines.output.root import OutputRoot
+from pipelines.output.vector_schema import expected_vectors, width_problems
 from pipelines.output.verify_files import (
     BUCKET_ROW,
     FILE_ROW,
@@ -162,20 +165,20 @@ def _check_sizes(root: OutputRoot, files: list[Named], report: Report) -> None:
             report.problems.append(f"{n.ref.path}: {listed[path]} bytes, {n.owner} says {n.ref.bytes}")
 
 
-def _run_local(root: OutputRoot, files: list[Named], top_k: int | None,
-               buckets: int | None) -> tuple[list[dict], dict, dict]:
+def _run_local(root: OutputRoot, files: list[Named], top_k: int | None, buckets: int | None,
+               vectors: list | None) -> tuple[list[dict], dict, dict]:
     """Each file checked in the driver; duplicates counted exactly over every key (`buckets` does not apply)."""
     results, keys = [], collections.Counter()
     for n in files:
-        result, found = check_file(root.storage, n, top_k)
+        result, found = check_file(root.storage, n, top_k, vectors)
         results.append(result)
         for kind, values in found.items():
             keys.update((kind, k) for k in values.to_pylist())
     return results, count_keys(keys), {"engine": "local", "pids": [os.getpid()]}
 
 
-def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None,
-             buckets: int | None) -> tuple[list[dict], dict, dict]:
+def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None, buckets: int | None,
+             vectors: list | None) -> tuple[list[dict], dict, dict]:
     """Each file checked in a Ray task; keys grouped on their hash into `buckets` (default ⌈rows ÷
     `KEYS_PER_BUCKET`⌉); only file results, per-bucket summaries and duplicate counts come back to the driver."""
     from pipelines import graph
@@ -191,7 +194,7 @@ def _run_ray(root: OutputRoot, files: list[Named], top_k: int | None,
     def build():
         return graph.verify_graph(VERIFY_FILE, named, check_file_stage.stage, KEY_BUCKET, group_keys_stage.stage,
                                   num_partitions=min(buckets + 1, 256), num_cpus=0.5, storage=root.storage,
-                                  top_k=top_k, buckets=buckets)
+                                  top_k=top_k, buckets=buckets, vectors=vectors)
 
     results, dups, checked_buckets = [], [], set()
     for row in stream_rows(build, RunConfig()):
@@ -224,6 +227,7 @@ def _compose(job: dict, commits: dict[str, ItemCommit], files: list[Named], resu
         if c is not None and not c.bad_file and by_item[c.item] != c.row_end - c.row_start:
             report.problems.append(f"commit {c.item}: files hold {by_item[c.item]} rows, the item has "
                                    f"{c.row_end - c.row_start}")
+    report.problems += width_problems([(n.ref.path, r["widths"]) for n, r in zip(files, results)])
     for kind in KEY_KINDS:
         if dups.get(kind):
             report.problems.append(describe_duplicates(kind, dups[kind]))
@@ -265,7 +269,8 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None, *,
             counts["rows"] += sum(f.rows for f in c.files)
             counts["rejected"] += 0 if c.bad_file else sum(f.rows for f in c.rejects)
     else:
-        results, dups, ran = (_run_ray if engine == "ray" else _run_local)(root, files, top_k, buckets)
+        results, dups, ran = (_run_ray if engine == "ray" else _run_local)(root, files, top_k, buckets,
+                                                                           expected_vectors(job["fingerprint"]))
         report.checked.update(ran)
         _compose(job, commits, files, results, dups, rerank, report, counts)
     if rerank:

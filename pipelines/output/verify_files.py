@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.output import vector_schema
 from pipelines.output.records import FileRef
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
@@ -48,7 +49,8 @@ FILE_BUCKET = -1
 
 _COLUMNS = {"rows": ["id"], "rejected": ["id", "row"], "scores": ["_row"], "rerank_rejects": ["row"],
             "ranked": ["query_id", "doc_id", "rank"], "rank_rejects": [], "file_reject": ["reason"]}
-"""The columns each role of file is read for (the rest, vectors included, stay undecoded)."""
+"""The columns each role of file is read for (the rest stay undecoded; data files add their float vectors, whose
+norms `vector_schema` checks)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +121,14 @@ def _keys(table: pa.Table, n: Named) -> dict[str, pa.Array]:
     return {}
 
 
-def check_file(storage: Storage, n: Named, top_k: int | None) -> tuple[dict[str, Any], dict[str, pa.Array]]:
+def check_file(storage: Storage, n: Named, top_k: int | None,
+               vectors: vector_schema.Expected | None = None) -> tuple[dict[str, Any], dict[str, pa.Array]]:
     """(result, row keys by kind) of one named file. The result (JSON-able): `i`, `rows` (read; None if the file
-    is missing or unreadable), `problems`, `keys` (how many of each kind)."""
+    is missing or unreadable), `problems`, `keys` (how many of each kind), `widths` (a data file's pooled-width
+    vector columns, `vector_schema.file_problems`). `vectors`: the fingerprint's vector columns (embedding
+    outputs), checked in every data file."""
     path, problems = n.ref.path, []
-    result: dict[str, Any] = {"i": n.i, "rows": None, "problems": problems, "keys": {}}
+    result: dict[str, Any] = {"i": n.i, "rows": None, "problems": problems, "keys": {}, "widths": {}}
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
@@ -133,7 +138,9 @@ def check_file(storage: Storage, n: Named, top_k: int | None) -> tuple[dict[str,
         problems.append(f"{path}: checksum differs from {n.owner}")
     try:
         parquet = parquet_bytes.parquet_file(data)
-        table = parquet.read(columns=_COLUMNS[n.role])
+        expected = vectors if n.role == "rows" else None
+        floats = vector_schema.columns_to_read(parquet.schema_arrow, expected)
+        table = parquet.read(columns=_COLUMNS[n.role] + floats)
     except (pa.ArrowException, OSError, ValueError) as exc:
         problems.append(f"{path}: not a readable Parquet file with columns {_COLUMNS[n.role]} ({exc})")
         return result, {}
@@ -144,6 +151,8 @@ def check_file(storage: Storage, n: Named, top_k: int | None) -> tuple[dict[str,
         problems.append(f"{n.owner}: its file-reject marker does not carry the reason {n.reason!r}")
     if n.role == "ranked":
         problems += _rank_problems(table, n, top_k)
+    found, result["widths"] = vector_schema.file_problems(path, parquet.schema_arrow, table, expected)
+    problems += found
     keys = _keys(table, n)
     result["keys"] = {kind: len(values) for kind, values in keys.items()}
     return result, keys
@@ -196,13 +205,14 @@ _OUT_SCHEMA = pa.schema([(VERIFY_OUT, pa.string())])
 
 
 @stage(needs=(VERIFY_FILE,), adds=tuple(_KEY_SCHEMA.names), drops=EVERY_COLUMN)
-def check_file_stage(batch: pa.Table, storage: Storage, top_k: int | None, buckets: int) -> pa.Table:
+def check_file_stage(batch: pa.Table, storage: Storage, top_k: int | None, buckets: int,
+                     vectors: vector_schema.Expected | None = None) -> pa.Table:
     """Ray Data stage: one named file in; one row with its result (bucket `FILE_BUCKET`) and one per row key
     (its hash, and the hash's bucket) out. The result also names the process that checked the file (`pid`):
     the evidence, in the report, that the files were checked in Ray's workers and not in the driver."""
     tables = []
     for text in batch.column(VERIFY_FILE).to_pylist():
-        result, keys = check_file(storage, Named.from_json(json.loads(text)), top_k)
+        result, keys = check_file(storage, Named.from_json(json.loads(text)), top_k, vectors)
         result["pid"] = os.getpid()
         tables.append(pa.Table.from_pylist([{KEY_BUCKET: FILE_BUCKET, FILE_RESULT: json.dumps(result)}],
                                            schema=_KEY_SCHEMA))

@@ -80,7 +80,8 @@ def test_every_field_is_described(root):
     walk(root)
 
 
-@pytest.mark.parametrize("name, schema", [("demo.yaml", EmbedJobConfig), ("backfill.yaml", EmbedJobConfig),
+@pytest.mark.parametrize("name, schema", [("demo.yaml", EmbedJobConfig), ("demo-vectors.yaml", EmbedJobConfig),
+                                          ("backfill.yaml", EmbedJobConfig),
                                           ("rerank.yaml", RerankJobConfig)])
 def test_shipped_configs_validate(name, schema):
     load_config(REPO / "configs" / name, schema=schema)

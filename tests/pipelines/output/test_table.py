@@ -28,6 +28,7 @@ from pipelines.output.table import EPOCH, VERSION, expire_index_versions, open_c
 from pipelines.reindex.index import IndexRoot
 from pipelines.storage import Storage
 from support.late_writer import attempt, item, run_output
+from support.vector_output import HALF, POOLED, VECTORS, build_vector_output
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -164,6 +165,47 @@ def test_a_table_with_other_columns_is_refused_naming_the_difference(tmp_path):
         with pytest.raises(OutputError, match=r"other columns.*lacks: \['text'\].*lacks: \['embedding'\]"):
             publish_output(store.url, None, cfg)
     assert load(store, cfg).current_snapshot() is None
+
+
+def test_several_vector_columns_are_published_as_lists_of_their_element_types(tmp_path):
+    """An output with `output.vectors` (float32, int8[8], ubinary packed bits): the table registers its files in
+    place and reads every value back as the committed files hold it, each vector column a list (Iceberg has no
+    fixed-size list, nor 8-bit ints: int8/uint8 read as int; the table's properties say how to cast back)."""
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    build_vector_output(store, recorded={"output": {"table": cfg.model_dump()}})
+    published = publish_output(store.url, None)  # the recorded table config
+    assert published["table"]["added"] == 3
+    table = load(store, cfg)
+    assert sorted(table_files(table)) == sorted(committed_files(store.url))
+    columns = {f.name: str(f.field_type) for f in table.schema().fields}
+    assert {c: columns[c] for c in ("f32", "i8", "bits")} == {"f32": "list<float>", "i8": "list<int>",
+                                                            "bits": "list<int>"}
+    got, want = table.scan().to_arrow().sort_by("id"), read_committed(store.url).sort_by("id")
+    assert got.column("id").to_pylist() == want.column("id").to_pylist() and got.num_rows == 9
+    for column, element in (("f32", pa.float32()), ("i8", pa.int32()), ("bits", pa.int32())):
+        assert got.schema.field(column).type.value_type == element  # int8/uint8 widen to Iceberg's 32-bit int
+        assert got.column(column).to_pylist() == want.column(column).to_pylist()  # every value as committed
+    assert json.loads(table.properties["embedrank.vector.i8"]) == {"dimensions": 8, "dtype": "int8"}
+    assert table.properties["embedrank.cast.bits.duckdb"] == "CAST(bits AS UTINYINT[2])"
+    assert table.properties["embedrank.cast.f32.duckdb"] == f"CAST(f32 AS FLOAT[{POOLED}])"
+
+
+def test_a_float16_vector_column_is_refused_in_one_line_naming_it(tmp_path, capsys):
+    """Iceberg has no 16-bit float: an output holding one (published after the fact: `embedrank publish` with a
+    table config) is refused in one line that names the column and says to use float32; no table is made."""
+    store = Storage(str(tmp_path / "out"))
+    build_vector_output(store, vectors=VECTORS + [HALF])
+    with pytest.raises(OutputError) as refused:
+        publish_output(store.url, None, TableConfig(name="docs"))
+    message = str(refused.value)
+    assert "\n" not in message and "'h'" in message and "float32" in message
+    for other in ("'f32'", "'i8'", "'bits'"):
+        assert other not in message
+    from pyiceberg.exceptions import NoSuchTableError
+
+    with pytest.raises(NoSuchTableError):
+        load(store, TableConfig(name="docs"))
 
 
 def build_version(index: IndexRoot, items, salt: float, plan: str, cfg: TableConfig) -> str:

@@ -31,6 +31,7 @@ from pipelines.output.verify_files import (
     group_keys_stage,
 )
 from pipelines.storage import Storage
+from support.vector_output import build_vector_output
 
 pytestmark = pytest.mark.integration
 
@@ -149,6 +150,71 @@ def test_each_corruption_is_found_by_both_engines_with_the_same_text(built, tmp_
     ])
     assert report.counts["unique_ids"] == SHARDS * ROWS - 1 - lost - 1
     assert report.counts["rows"] == SHARDS * ROWS - 1 - lost - 1
+
+
+def fixed(values, arrow_type) -> pa.FixedSizeListArray:
+    """Rows of `values` (a list of lists) as `fixed_size_list<arrow_type>[width]`, written here with pyarrow."""
+    width = len(values[0])
+    return pa.FixedSizeListArray.from_arrays(pa.array([x for row in values for x in row], arrow_type), width)
+
+
+def test_vectors_of_the_wrong_type_width_or_norm_are_found_by_both_engines(ray_local, tmp_path):
+    """Files rewritten with pyarrow, their records' sha256 and sizes updated (row counts unchanged): only the
+    vector checks can catch them. The fingerprint names f32 float32 (pooled width 16), i8 int8[8], bits ubinary
+    (pooled width: 2 bytes)."""
+    out = tmp_path / "out"
+    build_vector_output(Storage(str(out)), items=(1, 2, 3, 4, 5))
+    assert both(out)[0].ok
+    narrow, half, wide, extra, scaled = commits(out).values()
+    paths = {name: r["files"][0]["path"] for name, r in
+             {"narrow": narrow, "half": half, "wide": wide, "extra": extra, "scaled": scaled}.items()}
+
+    t = pq.read_table(out / paths["narrow"])  # int8[8] cut to 7
+    rewrite(out, narrow, t.set_column(t.schema.get_field_index("i8"), "i8",
+                                      fixed([r[:7] for r in t.column("i8").to_pylist()], pa.int8())))
+    t = pq.read_table(out / paths["half"])  # the same values as float16
+    rewrite(out, half, t.set_column(t.schema.get_field_index("f32"), "f32",
+                                    fixed(t.column("f32").to_pylist(), pa.float16())))
+    t = pq.read_table(out / paths["wide"])  # packed bits one byte wider than every other file's
+    rewrite(out, wide, t.set_column(t.schema.get_field_index("bits"), "bits",
+                                    fixed([r + [0] for r in t.column("bits").to_pylist()], pa.uint8())))
+    t = pq.read_table(out / paths["extra"])  # a vector column the fingerprint does not name
+    rewrite(out, extra, t.append_column("f8", fixed([r[:8] for r in t.column("f32").to_pylist()], pa.float32())))
+    t = pq.read_table(out / paths["scaled"])  # row 1's float vector doubled
+    rows = t.column("f32").to_pylist()
+    rows[1] = [2 * x for x in rows[1]]
+    rewrite(out, scaled, t.set_column(t.schema.get_field_index("f32"), "f32", fixed(rows, pa.float32())))
+
+    local, _ = both(out)
+    assert sorted(local.problems) == sorted([
+        f"{paths['narrow']}: column 'i8' is fixed_size_list<int8>[7], the fingerprint says fixed_size_list<int8>[8]",
+        f"{paths['half']}: column 'f32' is fixed_size_list<halffloat>[16], the fingerprint says "
+        "fixed_size_list<float>[the pooled width]",
+        f"{paths['wide']}: column 'bits' is fixed_size_list<uint8>[3], the output's other files have "
+        "fixed_size_list<uint8>[2]",
+        f"{paths['extra']}: vector column 'f8' is not one of the fingerprint's ['f32', 'i8', 'bits']",
+        f"{paths['scaled']}: 1 vector(s) of 'f32' are not L2-unit (row 1: norm 2, tolerance 0.001)",
+    ])
+    assert local.counts["rows"] == 15 and local.counts["unique_ids"] == 15  # rows and ids are all there
+
+
+def test_the_default_embedding_column_is_checked_too(built, tmp_path):
+    """Without `output.vectors` the fingerprint's one `embedding` column (float32, the pooled width) is checked:
+    a file whose vectors lost a value (re-normalised, so only the width is wrong), and one whose column is gone."""
+    out = copy(built, tmp_path)
+    cut, gone = list(commits(out).values())[:2]
+    t = pq.read_table(out / cut["files"][0]["path"])
+    rows = [[x / sum(v * v for v in r[:-1]) ** 0.5 for x in r[:-1]] for r in t.column("embedding").to_pylist()]
+    rewrite(out, cut, t.set_column(t.schema.get_field_index("embedding"), "embedding", fixed(rows, pa.float32())))
+    t = pq.read_table(out / gone["files"][0]["path"])
+    rewrite(out, gone, t.drop_columns(["embedding"]))
+    problems = verify_output(str(out), engine="local").problems
+    assert sorted(problems) == sorted([
+        f"{cut['files'][0]['path']}: column 'embedding' is fixed_size_list<float>[63], the output's other files have "
+        "fixed_size_list<float>[64]",
+        f"{gone['files'][0]['path']}: no vector column 'embedding' (the fingerprint's fixed_size_list<float>[the "
+        "pooled width])",
+    ])
 
 
 def test_quick_checks_sizes_and_presence_without_reading_a_data_file(built, tmp_path):
