@@ -481,3 +481,61 @@ def map_on_cluster(run: RunConfig, stream: TextIO | None = None, num_cpus: float
         return ray.get([remote.remote(a, **kwargs) for a in args])
 
     return on_cluster
+
+
+# -- the model pool while a job runs ----------------------------------------------------------------------------
+
+
+def _pool_state(job_id: str | None) -> tuple[int, int]:
+    """(alive, alive or waiting to be placed) model replicas of this driver's job: Ray Data's actor pools
+    (`MapWorker(MapBatches(<replica class>))`) in the GCS's actor table."""
+    from ray._private.state import state
+
+    alive = wanted = 0
+    for actor in state.actor_table(None).values():
+        if not str(actor.get("ActorClassName", "")).startswith("MapWorker(") or (
+                job_id and actor.get("JobID") != job_id):
+            continue
+        alive += actor.get("State") == "ALIVE"
+        wanted += actor.get("State") not in ("DEAD",)
+    return alive, wanted
+
+
+def _pending_nodes(status: dict[str, Any]) -> int:
+    """Node launches the autoscaler reports as pending (queued or starting)."""
+    report = status.get("autoscaler_report") or {}
+    return sum(int(v) for v in (report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes")
+                                                                                    or [])
+
+
+@contextlib.contextmanager
+def watch_pool(report: Any, queued: Callable[[], int], interval_s: float = 1.0) -> Iterator[None]:
+    """Sample the model pool into `report` (`resources.PoolReport.note`) every `interval_s` while the block runs:
+    its replicas from the GCS's actor table, pending node launches from the autoscaler's status, `queued()` items
+    not yet committed. A Ray that moved its private state API leaves the report empty (the job runs on)."""
+    import ray
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            if not ray.is_initialized():  # a local Ray starts with the graph
+                return
+            alive, wanted = _pool_state(ray.get_runtime_context().get_job_id())
+            pending = _pending_nodes(_autoscaling_status()) if not started_here() else 0
+        except Exception:  # noqa: BLE001 - the report is informative; the job must not fail for it
+            return
+        report.note(time.monotonic(), alive, wanted, pending, queued())
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            sample()
+
+    thread = threading.Thread(target=watch, name="embedrank-pool", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2.0)
+        sample()
