@@ -73,7 +73,7 @@ def autoscaling_config(gcs_port: int, head_cpus: float, gpu_nodes_max: int,
     return {
         "cluster_name": "embedrank-test", "max_workers": gpu_nodes_max, "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True, "launch_multiple": True,
                      "disable_node_updaters": True, "disable_launch_config_check": True},
         "available_node_types": {
             HEAD_NODE_TYPE: {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
@@ -113,6 +113,15 @@ class AutoscalingCluster:
              f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config}",
              f"--system-config={json.dumps(HEALTH_CHECK)}", "--disable-usage-stats"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 150) -> None:
+        """Until the autoscaler reports the head (fails if the head exits: on an overloaded machine Ray gives a
+        raylet 30 s to register and then gives up)."""
+        deadline = time.monotonic() + timeout_s
+        while HEAD_NODE_TYPE not in self.status():
+            assert self.proc.poll() is None, f"the head exited:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"the head was not up after {timeout_s}s:\n{self.tail()}"
+            time.sleep(2)
 
     def client_env(self) -> dict[str, str]:
         """The environment of any process that talks to this cluster (a job, a `ray` command): this one's without
