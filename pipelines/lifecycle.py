@@ -245,7 +245,7 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
         pending = [s.item for s in committer.pending.values()]
         progress.pool = PoolReport(max_replicas)
         with watch_pool(progress.pool, lambda: len(committer.pending)):
-            for row in stream_rows(lambda: work.build_graph(pending), run):
+            for row in stream_rows(lambda: work.build_graph(pending), run, pool=progress.pool):
                 piece = Piece.from_row(row)
                 startup.note_replicas(piece.replica_startup)
                 for commit in committer.add(piece):

@@ -278,9 +278,10 @@ def cluster_view(run: RunConfig, stream: TextIO | None = None) -> ClusterView:
 
 
 @contextlib.contextmanager
-def report_pending(interval_s: float, stream: TextIO, last_output: list[float]) -> Iterator[None]:
+def report_pending(interval_s: float, stream: TextIO, last_output: list[float], pool: Any = None) -> Iterator[None]:
     """On a joined cluster with an autoscaler, print every `interval_s` what the job waits for while no output
-    arrived for that long (`last_output[0]`: monotonic time of the last one). A no-op elsewhere."""
+    arrived for that long (`last_output[0]`: monotonic time of the last one), with the model pool's replicas
+    (`pool`, a `resources.PoolReport`, where given). A no-op elsewhere."""
     try:
         joined = not started_here() and (_driver.autoscaler or _autoscaler()[0]) != "none"
     except Exception:  # noqa: BLE001
@@ -296,7 +297,7 @@ def report_pending(interval_s: float, stream: TextIO, last_output: list[float]) 
                 continue
             line = pending_line(_autoscaling_status())
             if line:
-                emit(stream, line)
+                emit(stream, line + (f" · {pool.short()}" if pool is not None and pool.samples else ""))
 
     thread = threading.Thread(target=watch, name="embedrank-pending", daemon=True)
     thread.start()
@@ -435,16 +436,18 @@ def quiet_ray_data() -> None:
             _add_filter_once(handler, "Progress bars disabled")
 
 
-def stream_rows(build_graph: Callable[[], Any], run: RunConfig,
-                stream: TextIO | None = None) -> Iterator[dict[str, Any]]:
+def stream_rows(build_graph: Callable[[], Any], run: RunConfig, stream: TextIO | None = None,
+                pool: Any = None) -> Iterator[dict[str, Any]]:
     """Ray up, the graph built, its output rows handed over one by one as they arrive; a stall fails the job
     naming the stuck stage (`run.stall_timeout_s`, `run.startup_timeout_s` for the first output). A stop signal
     cuts the wait for the next batch, never the caller's handling of a row (`stop_allowed`); on a cluster with
-    an autoscaler, what the job waits for is printed every `run.progress_interval_s` while no output arrives."""
+    an autoscaler, what the job waits for (and the model pool, `pool`) is printed every `run.progress_interval_s`
+    while no output arrives."""
     ensure_ray(run.ray_address, stream)
     quiet_ray_data()
     last_output = [time.monotonic()]
-    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output), block_size(run.block_mb):
+    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output, pool), \
+            block_size(run.block_mb):
         # prefetch_batches=0: each output block is handed over as soon as it exists (Ray Data's default, 1, holds
         # it back until the next one exists too: a commit waited for the next write, up to a replica call's work)
         batches = iter_batches_watched(build_graph(), run.stall_timeout_s, run.startup_timeout_s,
