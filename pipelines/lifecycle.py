@@ -156,7 +156,8 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
     if dry_run:
         spec.describe_dry_run(cfg, stream)
         return dry_run_summary(plan, dry_run_compute(cfg), stream)
-    cfg = fit_compute(cfg, stream, len(plan.items))  # `auto` decided, impossible requests refused: before any output is touched
+    # `auto` decided, impossible requests refused, the pool sized for an autoscaler: before any output is touched
+    cfg = fit_compute(cfg, stream, len(plan.items))
     with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
                     allow_unconditional=cfg.run.allow_unconditional_store), \
             stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand

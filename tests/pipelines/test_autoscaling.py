@@ -150,7 +150,7 @@ def wait_for(condition, what: str, timeout_s: float, cluster: AutoscalingCluster
 def test_the_pool_grows_from_zero_nodes_to_max_replicas_and_the_nodes_go_after(cluster, tiny_embedding_model,
                                                                                tmp_path, capsys):
     assert not raylets(cluster), "a GPU node before any job asked for one"
-    job = Job(cluster, tmp_path, tiny_embedding_model, items=16, delay_s=4)
+    job = Job(cluster, tmp_path, tiny_embedding_model, items=24, delay_s=4)
     code, summary, err = job.finish()
     assert code == 0, err[-4000:]
     exactly_once(job.out, job.ids)
@@ -161,7 +161,7 @@ def test_the_pool_grows_from_zero_nodes_to_max_replicas_and_the_nodes_go_after(c
     with capsys.disabled():
         print(f"\nfrom zero GPU nodes: {len(commits)} commits at {[round(t, 1) for t in commits]} s: {busy:.2f} "
               f"replicas busy at once; pool {pool}")
-    assert summary["items_processed"] == 16 and len(commits) == 16
+    assert summary["items_processed"] == 24 and len(commits) == 24
     assert busy >= 1.4, f"{busy:.2f} replicas busy at once of 2: {commits}\n{err[-3000:]}"
     assert pool["max_replicas"] == 2 and pool["peak_running"] == 2, pool
     assert "the model pool asks for 2 replica(s) at once" in err
@@ -192,13 +192,15 @@ def test_a_gpu_node_lost_mid_job_is_replaced_and_the_job_finishes(cluster, tiny_
         # the instance vanishes, as a preempted spot instance does: its raylet, object store, agents and workers
         for pid in descendant_pids(victim):
             with_suppressed_kill(pid)
+        killed_at = time.strftime("%H:%M:%S")
         code, summary, err = job.finish()
     finally:
         if job.proc.poll() is None:
             job.proc.kill()
     log = cluster.monitor_log()
     with capsys.disabled():
-        print(f"\nnode …{node_id[-5:]} lost with {at_kill}/16 items committed; job exit {code}; the autoscaler:\n"
+        print(f"\nnode …{node_id[-5:]} lost at {killed_at} with {at_kill}/16 items committed; job exit {code} at "
+              f"{time.strftime('%H:%M:%S')}; the autoscaler:\n"
               f"{events(log)}")
     assert at_kill <= 4, "the node was lost after the job's work was done"
     assert code == 0, err[-4000:]
@@ -214,7 +216,9 @@ def launches(monitor_log: str) -> int:
 
 
 def events(monitor_log: str) -> str:
-    return "\n".join(ln for ln in monitor_log.splitlines() if re.search(r"Launching \d+ nodes|Terminating the node", ln))
+    """The autoscaler's launches and terminations, from its log."""
+    wanted = re.compile(r"Launching \d+ nodes|Terminating the node")
+    return "\n".join(ln for ln in monitor_log.splitlines() if wanted.search(ln))
 
 
 def with_suppressed_kill(pid: int) -> None:

@@ -73,8 +73,9 @@ def autoscaling_config(gcs_port: int, head_cpus: float, gpu_nodes_max: int,
     return {
         "cluster_name": "embedrank-test", "max_workers": gpu_nodes_max, "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True, "launch_multiple": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        # launch_multiple: a launch of n nodes starts n (the fake provider's default starts one whatever n is)
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+                     "launch_multiple": True, "disable_node_updaters": True, "disable_launch_config_check": True},
         "available_node_types": {
             HEAD_NODE_TYPE: {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
             GPU_NODE_TYPE: {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": NODE_OBJECT_STORE},
@@ -148,18 +149,6 @@ class AutoscalingCluster:
                                f"--address={self.address}"], env=self.client_env(), capture_output=True,
                               text=True, timeout=60)
         return done.stdout + done.stderr
-
-    def nodes(self) -> list[dict[str, Any]]:
-        """Alive worker nodes, from `ray list nodes`-equivalent GCS data, via a short Python subprocess (this
-        process stays off the cluster: it may be the driver of the session's own Ray)."""
-        code = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
-                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources'], "
-                "'ip': n['NodeManagerAddress']} for n in ray.nodes()]))") % self.address
-        done = subprocess.run([sys.executable, "-c", code], env=self.client_env(), capture_output=True, text=True,
-                              timeout=120)
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[")]
-        assert lines, done.stderr[-2000:]
-        return json.loads(lines[-1])
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to every process of the head's session (every node of this cluster); the temp dir
