@@ -10,10 +10,11 @@ of asking the network for a routable address). The provider starts a node in its
 monitor), so every node of the cluster is a process of the head's session: stopping the cluster signals that
 session only, never `ray stop`.
 
-A node is lost as a preempted instance loses it: `kill` sends SIGKILL to every process of the node (raylet, object
-store, agents; its workers die with the raylet); the GCS marks it dead within seconds (`HEALTH_CHECK`) and the
-autoscaler, which still counts the instance as launched, terminates it when its heartbeat is `HEARTBEAT_TIMEOUT_S`
-old and launches a replacement while there is demand.
+A node is taken away mid-job by the autoscaler itself (`set_gpu_nodes_max` below the nodes running: it terminates
+the surplus through the provider, which kills every process of the node, as a cloud reclaims a preempted instance),
+and the limit put back lets it launch a replacement for the demand left. (A node whose processes are merely killed
+stays listed by the fake provider, which no cloud does for a reclaimed instance; the v1 autoscaler then keeps it,
+as a node that fits the restarting replica's demand, until that demand is gone.)
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ GPU_NODE_TYPE = "gpu_worker"
 HEAD_NODE_TYPE = "ray.head.default"
 HEALTH_CHECK = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
                 "health_check_initial_delay_ms": 0}
-HEARTBEAT_TIMEOUT_S = 8
-"""The autoscaler terminates (and may replace) a launched node whose raylet has not reported for this long (Ray's
-default: 30 s)."""
 NODE_OBJECT_STORE = 200 * 2**20
 
 
@@ -97,12 +95,11 @@ class AutoscalingCluster:
         self.gcs_port, client, metrics, agent, runtime_env, dashboard = free_ports(6)
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.token = secrets.token_hex(32)
-        config = os.path.join(self.temp_dir, "autoscaling.json")
-        with open(config, "w", encoding="utf-8") as fh:
-            json.dump(autoscaling_config(self.gcs_port, head_cpus, gpu_nodes_max, idle_timeout_s), fh)
+        self.config_path = config = os.path.join(self.temp_dir, "autoscaling.json")
+        self.config = autoscaling_config(self.gcs_port, head_cpus, gpu_nodes_max, idle_timeout_s)
+        self._write_config()
         self.env = self.client_env()
-        self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-                        AUTOSCALER_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S))
+        self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         self.log = open(os.path.join(self.temp_dir, "head.log"), "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
@@ -114,6 +111,19 @@ class AutoscalingCluster:
              f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config}",
              f"--system-config={json.dumps(HEALTH_CHECK)}", "--disable-usage-stats"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _write_config(self) -> None:
+        with open(self.config_path + ".new", "w", encoding="utf-8") as fh:
+            json.dump(self.config, fh)
+        os.replace(self.config_path + ".new", self.config_path)
+
+    def set_gpu_nodes_max(self, count: int) -> None:
+        """Change `gpu_worker`'s max_workers in the config the autoscaler re-reads every update: lowered below the
+        nodes running, the autoscaler itself terminates the surplus (`max_workers_per_type`), through the provider,
+        as a cloud takes a preempted instance away."""
+        self.config["available_node_types"][GPU_NODE_TYPE]["max_workers"] = count
+        self.config["max_workers"] = count
+        self._write_config()
 
     def wait_ready(self, timeout_s: float = 150) -> None:
         """Until the autoscaler reports the head (fails if the head exits: on an overloaded machine Ray gives a
