@@ -492,12 +492,12 @@ def map_on_cluster(run: RunConfig, stream: TextIO | None = None, num_cpus: float
 def _pool_state(job_id: str | None) -> tuple[int, int]:
     """(alive, alive or waiting to be placed) model replicas of this driver's job: Ray Data's actor pools
     (`MapWorker(MapBatches(<replica class>))`) in the GCS's actor table."""
+    import ray
     from ray._private.state import state
 
     alive = wanted = 0
-    for actor in state.actor_table(None).values():
-        if not str(actor.get("ActorClassName", "")).startswith("MapWorker(") or (
-                job_id and actor.get("JobID") != job_id):
+    for actor in state.actor_table(None, job_id=ray.JobID.from_hex(job_id) if job_id else None).values():
+        if not str(actor.get("ActorClassName", "")).startswith("MapWorker("):
             continue
         alive += actor.get("State") == "ALIVE"
         wanted += actor.get("State") not in ("DEAD",)
