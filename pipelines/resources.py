@@ -339,6 +339,7 @@ class PoolReport:
     wanted: int = 0
     pending_nodes: int = 0
     peak_running: int = 0
+    peak_pending_nodes: int = 0
     queued_s: float = 0.0
     below_max_s: float = 0.0
     samples: int = 0
@@ -356,6 +357,7 @@ class PoolReport:
         self._last, self.samples = now, self.samples + 1
         self.running, self.wanted, self.pending_nodes = running, wanted, pending_nodes
         self.peak_running = max(self.peak_running, running)
+        self.peak_pending_nodes = max(self.peak_pending_nodes, pending_nodes)
         self._queued = queued_items >= self.max_replicas
 
     def short(self) -> str:
@@ -368,9 +370,12 @@ class PoolReport:
     def line(self) -> str:
         """For the summary: the peak, and how long the pool was below `max_replicas` while work was queued."""
         return (f"replicas: up to {self.peak_running} of max {self.max_replicas} running; below max_replicas for "
-                f"{self.below_max_s:.1f}s of {self.queued_s:.1f}s with at least {self.max_replicas} item(s) queued")
+                f"{self.below_max_s:.1f}s of {self.queued_s:.1f}s with at least {self.max_replicas} item(s) queued"
+                + (f"; up to {_count(self.peak_pending_nodes, 'node')} launching at once" if self.peak_pending_nodes
+                   else ""))
 
     def to_json(self) -> dict[str, Any]:
         return {"max_replicas": self.max_replicas, "peak_running": self.peak_running,
+                "peak_pending_nodes": self.peak_pending_nodes,
                 "below_max_while_queued_s": round(self.below_max_s, 3), "queued_s": round(self.queued_s, 3),
                 "samples": self.samples}
