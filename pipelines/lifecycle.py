@@ -30,8 +30,8 @@ from pipelines.output.records import ItemCommit, Piece, Totals
 from pipelines.output.report import REPORT_FILE, write_report
 from pipelines.output.root import OutputRoot
 from pipelines.progress import Progress, Startup, startup_line
-from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stop_deferred, stream_rows
-from pipelines.resources import dry_run_compute, fit_compute
+from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stop_deferred, stream_rows, watch_pool
+from pipelines.resources import PoolReport, dry_run_compute, fit_compute
 from pipelines.storage import Storage
 
 
@@ -164,7 +164,8 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
     if dry_run:
         spec.describe_dry_run(cfg, stream)
         return dry_run_summary(plan, dry_run_compute(cfg), stream)
-    cfg = fit_compute(cfg, stream)  # `auto` decided, impossible requests refused: before any output is touched
+    # `auto` decided, impossible requests refused, the pool sized for an autoscaler: before any output is touched
+    cfg = fit_compute(cfg, stream, len(plan.items))
     with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
                     allow_unconditional=cfg.run.allow_unconditional_store), \
             stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand
@@ -184,7 +185,8 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
                                                 fingerprint_id(work.fingerprint), stream)
         outcome = process_items(plan=plan, work=work, recorded=recorded, run=cfg.run, label=spec.name,
                                 stream=stream, startup=startup, target_file_mb=target_file_mb(cfg),
-                                io_num_cpus=cfg.compute.io_num_cpus, on_commit=on_commit)
+                                io_num_cpus=cfg.compute.io_num_cpus, on_commit=on_commit,
+                                max_replicas=cfg.compute.max_replicas)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
                                      wall_s=round(outcome.progress.elapsed, 3))
         removed = close_output(work.root, outcome.commits, totals)
@@ -225,8 +227,8 @@ def merge_on_cluster(storage: Storage, target_file_bytes: float,
 
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
                   stream: TextIO, startup: Startup | None = None, target_file_mb: float = TARGET_FILE_MB,
-                  io_num_cpus: float = 1.0,
-                  on_commit: Callable[[dict[str, ItemCommit]], None] | None = None) -> ItemsOutcome:
+                  io_num_cpus: float = 1.0, on_commit: Callable[[dict[str, ItemCommit]], None] | None = None,
+                  max_replicas: int = 1) -> ItemsOutcome:
     """Commit every item of `plan` exactly once, resuming from what is already committed; `startup` (the job's
     start-up phases) learns when Ray came up, the replicas' reports and the first item committed. Items that
     arrive in several pieces are merged into files of at most `target_file_mb` on the cluster before they
@@ -267,15 +269,17 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
             record(commit)
         if committer.pending:
             pending = [s.item for s in committer.pending.values()]
-            for row in stream_rows(lambda: work.build_graph(pending), run):
-                piece = Piece.from_row(row)
-                startup.note_replicas(piece.replica_startup)
-                for commit in committer.add(piece):
+            progress.pool = PoolReport(max_replicas)
+            with watch_pool(progress.pool, lambda: len(committer.pending)):
+                for row in stream_rows(lambda: work.build_graph(pending), run, pool=progress.pool):
+                    piece = Piece.from_row(row)
+                    startup.note_replicas(piece.replica_startup)
+                    for commit in committer.add(piece):
+                        startup.note_item()
+                        record(commit)
+                for commit in committer.finish(run.stall_timeout_s):
                     startup.note_item()
                     record(commit)
-            for commit in committer.finish(run.stall_timeout_s):
-                startup.note_item()
-                record(commit)
         for commit in _commit_empty_jsonl(committer, work.source):
             record(commit)
     progress.close()
@@ -313,6 +317,9 @@ def summarize(outcome: ItemsOutcome, totals: Totals, output: str, stream: TextIO
     summary["merged"] = outcome.merged.to_json()
     if outcome.merged.items:
         print(outcome.merged.line(), file=stream, flush=True)
+    if outcome.progress.pool is not None and outcome.progress.pool.samples:
+        summary["pool"] = outcome.progress.pool.to_json()
+        print(outcome.progress.pool.line(), file=stream, flush=True)
     summary["startup"] = outcome.startup.to_json()
     if summary["startup"]["first_item_s"] is not None:  # the pipeline ran (not only skipped or empty items)
         print(startup_line(summary["startup"]), file=stream, flush=True)

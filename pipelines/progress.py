@@ -82,6 +82,8 @@ class Progress:
         self.started = self._last = time.monotonic()
         self.bar = _is_tty(self.stream)
         self._lock = threading.Lock()
+        self.pool: Any = None
+        """The model pool while the pipeline runs (`resources.PoolReport`), shown at the end of the line."""
         _current[:] = [self]
 
     def update(self, commit: ItemCommit) -> None:
@@ -143,7 +145,7 @@ class Progress:
         pct = 100.0 * done / self.total_items if self.total_items else 100.0
         return (f"[{self.label}] items {done}/{self.total_items} ({pct:.0f}%) · rows {self.rows:,} "
                 f"(+{self.rejected:,} rejected) · {rows_s:,.1f} rows/s · {self.tokens / elapsed:,.0f} tokens/s "
-                f"· ETA {eta}")
+                f"· ETA {eta}" + (f" · {self.pool.short()}" if self.pool is not None and self.pool.samples else ""))
 
     def print_line(self) -> None:
         """The progress as a line of its own (on a terminal: the bar, finished)."""

@@ -279,9 +279,10 @@ def cluster_view(run: RunConfig, stream: TextIO | None = None) -> ClusterView:
 
 
 @contextlib.contextmanager
-def report_pending(interval_s: float, stream: TextIO, last_output: list[float]) -> Iterator[None]:
+def report_pending(interval_s: float, stream: TextIO, last_output: list[float], pool: Any = None) -> Iterator[None]:
     """On a joined cluster with an autoscaler, print every `interval_s` what the job waits for while no output
-    arrived for that long (`last_output[0]`: monotonic time of the last one). A no-op elsewhere."""
+    arrived for that long (`last_output[0]`: monotonic time of the last one), with the model pool's replicas
+    (`pool`, a `resources.PoolReport`, where given). A no-op elsewhere."""
     try:
         joined = not started_here() and (_driver.autoscaler or _autoscaler()[0]) != "none"
     except Exception:  # noqa: BLE001
@@ -297,7 +298,7 @@ def report_pending(interval_s: float, stream: TextIO, last_output: list[float]) 
                 continue
             line = pending_line(_autoscaling_status())
             if line:
-                emit(stream, line)
+                emit(stream, line + (f" · {pool.short()}" if pool is not None and pool.samples else ""))
 
     thread = threading.Thread(target=watch, name="embedrank-pending", daemon=True)
     thread.start()
@@ -444,16 +445,18 @@ def quiet_ray_warnings() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
 
 
-def stream_rows(build_graph: Callable[[], Any], run: RunConfig,
-                stream: TextIO | None = None) -> Iterator[dict[str, Any]]:
+def stream_rows(build_graph: Callable[[], Any], run: RunConfig, stream: TextIO | None = None,
+                pool: Any = None) -> Iterator[dict[str, Any]]:
     """Ray up, the graph built, its output rows handed over one by one as they arrive; a stall fails the job
     naming the stuck stage (`run.stall_timeout_s`, `run.startup_timeout_s` for the first output). A stop signal
     cuts the wait for the next batch, never the caller's handling of a row (`stop_allowed`); on a cluster with
-    an autoscaler, what the job waits for is printed every `run.progress_interval_s` while no output arrives."""
+    an autoscaler, what the job waits for (and the model pool, `pool`) is printed every `run.progress_interval_s`
+    while no output arrives."""
     ensure_ray(run.ray_address, stream)
     quiet_ray_data()
     last_output = [time.monotonic()]
-    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output), block_size(run.block_mb):
+    with report_pending(run.progress_interval_s, stream or sys.stderr, last_output, pool), \
+            block_size(run.block_mb):
         # prefetch_batches=0: each output block is handed over as soon as it exists (Ray Data's default, 1, holds
         # it back until the next one exists too: a commit waited for the next write, up to a replica call's work)
         batches = iter_batches_watched(build_graph(), run.stall_timeout_s, run.startup_timeout_s,
@@ -490,3 +493,61 @@ def map_on_cluster(run: RunConfig, stream: TextIO | None = None, num_cpus: float
         return ray.get([remote.remote(a, **kwargs) for a in args])
 
     return on_cluster
+
+
+# -- the model pool while a job runs ----------------------------------------------------------------------------
+
+
+def _pool_state(job_id: str | None) -> tuple[int, int]:
+    """(alive, alive or waiting to be placed) model replicas of this driver's job: Ray Data's actor pools
+    (`MapWorker(MapBatches(<replica class>))`) in the GCS's actor table."""
+    import ray
+    from ray._private.state import state
+
+    alive = wanted = 0
+    for actor in state.actor_table(None, job_id=ray.JobID.from_hex(job_id) if job_id else None).values():
+        if not str(actor.get("ActorClassName", "")).startswith("MapWorker("):
+            continue
+        alive += actor.get("State") == "ALIVE"
+        wanted += actor.get("State") not in ("DEAD",)
+    return alive, wanted
+
+
+def _pending_nodes(status: dict[str, Any]) -> int:
+    """Node launches the autoscaler reports as pending (queued or starting)."""
+    report = status.get("autoscaler_report") or {}
+    return sum(int(v) for v in (report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes")
+                                                                                    or [])
+
+
+@contextlib.contextmanager
+def watch_pool(report: Any, queued: Callable[[], int], interval_s: float = 1.0) -> Iterator[None]:
+    """Sample the model pool into `report` (`resources.PoolReport.note`) every `interval_s` while the block runs:
+    its replicas from the GCS's actor table, pending node launches from the autoscaler's status, `queued()` items
+    not yet committed. A Ray that moved its private state API leaves the report empty (the job runs on)."""
+    import ray
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            if not ray.is_initialized():  # a local Ray starts with the graph
+                return
+            alive, wanted = _pool_state(ray.get_runtime_context().get_job_id())
+            pending = _pending_nodes(_autoscaling_status()) if not started_here() else 0
+        except Exception:  # noqa: BLE001 - the report is informative; the job must not fail for it
+            return
+        report.note(time.monotonic(), alive, wanted, pending, queued())
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            sample()
+
+    thread = threading.Thread(target=watch, name="embedrank-pool", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2.0)
+        sample()

@@ -248,9 +248,10 @@ def read_only_monitor(status: dict[str, Any]) -> bool:
     return bool(mapping) and all(kind == f"node_{node}" for node, kind in mapping.items())
 
 
-def fit_compute(cfg: Any, stream: TextIO) -> Any:
+def fit_compute(cfg: Any, stream: TextIO, items: int | None = None) -> Any:
     """`cfg` with its compute section fitted to the job's Ray and checked: prints what `auto` chose; raises
-    ResourceError for a request that Ray can never serve."""
+    ResourceError for a request that Ray can never serve. With `items` (work items planned), on a cluster with an
+    autoscaler the pool's minimum is raised so that it asks for its replicas at once (`pool_minimum`)."""
     from pipelines.ray_runtime import cluster_view
 
     view = cluster_view(cfg.run, stream)
@@ -258,6 +259,11 @@ def fit_compute(cfg: Any, stream: TextIO) -> Any:
     check(compute, view)
     if cfg.compute.auto_fields:
         print(describe_fit(cfg.compute, compute, view), file=stream, flush=True)
+    if items is not None and (minimum := pool_minimum(compute, view.autoscaler, items)) != compute.min_replicas:
+        print(f"compute: the cluster's autoscaler adds nodes: the model pool asks for {minimum} replica(s) at once "
+              f"(min_replicas {compute.min_replicas} -> {minimum}; {items} item(s) planned, max_replicas "
+              f"{compute.max_replicas}), so that their nodes are launched together", file=stream, flush=True)
+        compute = compute.model_copy(update={"min_replicas": minimum})
     return cfg.model_copy(update={"compute": compute})
 
 
@@ -297,3 +303,79 @@ def pending_line(status: dict[str, Any]) -> str | None:
     else:
         line += "; no node is being launched for it (check the autoscaler's node types: `ray status`)"
     return line
+
+
+# -- the model pool on an autoscaling cluster ---------------------------------------------------------------------
+
+
+def pool_minimum(compute: ComputeConfig, autoscaler: str, items: int) -> int:
+    """The model actor pool's minimum size for a run of `items` work items on a Ray whose `autoscaler` is as
+    `ClusterView.autoscaler` says.
+
+    On a Ray without an autoscaler it is `min_replicas`: Ray Data's actor autoscaler grows the pool while the
+    resources for another replica are free. On a cluster whose autoscaler adds nodes, that policy cannot grow the
+    pool onto nodes that do not exist yet: Ray Data sizes it against the resources its dataset has reserved among
+    the nodes alive now (its autoscaling coordinator's reservation), so with no free GPU a scale-up is refused
+    ("exceeded resource limits"), and a replica still pending for its node is scaled back down as over the
+    allocation, so its node, once launched, finds no replica and is removed idle. There the pool asks for every
+    replica the work can use at once, as its minimum: `min(max_replicas, items)`, never below `min_replicas`. The
+    pending replicas are the autoscaler's demand, so it launches their nodes together; Ray Data never scales a pool
+    below its minimum for budget; and once its input is consumed it releases the idle replicas anyway, so their
+    nodes can go."""
+    low, high = int(compute.min_replicas), int(compute.max_replicas)
+    if autoscaler == "none":
+        return low
+    return max(low, min(high, items))
+
+
+@dataclasses.dataclass
+class PoolReport:
+    """The model pool while a job runs, sampled by the driver (`ray_runtime.watch_pool`): replicas running (alive),
+    wanted (alive or waiting to be placed), the configured maximum, node launches the autoscaler has pending, and
+    for how long the pool ran fewer than `max_replicas` replicas while at least that many items were queued."""
+
+    max_replicas: int
+    running: int = 0
+    wanted: int = 0
+    pending_nodes: int = 0
+    peak_running: int = 0
+    peak_pending_nodes: int = 0
+    queued_s: float = 0.0
+    below_max_s: float = 0.0
+    samples: int = 0
+    _last: float | None = None
+    _queued: bool = False
+
+    def note(self, now: float, running: int, wanted: int, pending_nodes: int, queued_items: int) -> None:
+        """A sample at monotonic time `now`; the time since the previous sample counts for the previous state."""
+        if self._last is not None and self.samples:
+            span = max(now - self._last, 0.0)
+            if self._queued:
+                self.queued_s += span
+                if self.running < self.max_replicas:
+                    self.below_max_s += span
+        self._last, self.samples = now, self.samples + 1
+        self.running, self.wanted, self.pending_nodes = running, wanted, pending_nodes
+        self.peak_running = max(self.peak_running, running)
+        self.peak_pending_nodes = max(self.peak_pending_nodes, pending_nodes)
+        self._queued = queued_items >= self.max_replicas
+
+    def short(self) -> str:
+        """For the progress line: `replicas 1 running / 2 wanted / 2 max · 1 node launching`."""
+        text = f"replicas {self.running} running / {self.wanted} wanted / {self.max_replicas} max"
+        if self.pending_nodes:
+            text += f" · {_count(self.pending_nodes, 'node')} launching"
+        return text
+
+    def line(self) -> str:
+        """For the summary: the peak, and how long the pool was below `max_replicas` while work was queued."""
+        return (f"replicas: up to {self.peak_running} of max {self.max_replicas} running; below max_replicas for "
+                f"{self.below_max_s:.1f}s of {self.queued_s:.1f}s with at least {self.max_replicas} item(s) queued"
+                + (f"; up to {_count(self.peak_pending_nodes, 'node')} launching at once" if self.peak_pending_nodes
+                   else ""))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_replicas": self.max_replicas, "peak_running": self.peak_running,
+                "peak_pending_nodes": self.peak_pending_nodes,
+                "below_max_while_queued_s": round(self.below_max_s, 3), "queued_s": round(self.queued_s, 3),
+                "samples": self.samples}

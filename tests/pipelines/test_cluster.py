@@ -132,6 +132,8 @@ def test_the_model_pool_grows_to_max_replicas_under_load_and_never_past_it(ray_l
     assert max(pool) <= 2, changes
     assert max(alive) == 2, f"the pool never ran 2 replicas: {changes}"
     assert alive.index(1) < alive.index(2), f"the pool did not start at min_replicas=1 and grow: {changes}"
+    # the job's own report of its pool (progress line, summary) agrees with the actor table's
+    assert summary["pool"]["max_replicas"] == 2 and summary["pool"]["peak_running"] == 2, summary["pool"]
 
 
 # --- `ray job submit` against a real head node -----------------------------------------------------------------

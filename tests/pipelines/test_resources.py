@@ -18,7 +18,7 @@ from common.errors import ResourceError
 from pipelines.config import ComputeConfig, ConfigError, load_config
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.ray_runtime import local_view
-from pipelines.resources import (ClusterView, check, describe_fit, fit, pending_line,
+from pipelines.resources import (ClusterView, PoolReport, check, describe_fit, fit, pending_line, pool_minimum,
                                  read_only_monitor)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
