@@ -16,9 +16,11 @@ publisher stops (`LockLost`) if any snapshot of the table carries a newer epoch.
 catalog's compare-and-swap (a commit whose base snapshot is no longer the table's is refused; pyiceberg's own
 retry, which would re-apply the change on the new state, is switched off for these tables), and a refused
 commit is re-planned from the table's new state only after that epoch check passes again. A new lock holder
-`claim`s the table (an empty snapshot of its epoch) before it deletes anything, so a paused publisher that wakes
-finds its base stale and then the newer epoch: it can never roll the table back, nor add files a newer writer
-removed.
+`claim`s the table (an empty snapshot of its epoch) before it deletes anything, creating it when there is none
+yet (columns unknown until the first committed file: an empty schema, adopted by the first publication), so a
+paused publisher that wakes always meets the newer epoch (its base stale, or the table it meant to create already
+there): it can never roll the table back, nor add files a newer writer removed, even where its own lease check
+and its catalog commit are far apart.
 """
 
 from __future__ import annotations
@@ -207,13 +209,18 @@ class TablePublisher:
         path = url if self.storage.is_local else self.storage.fs._strip_protocol(url)
         return pq.read_schema(path, filesystem=arrow_filesystem(self.storage))
 
-    def _create(self, schema: pa.Schema):
+    def _create(self, schema: pa.Schema | None):
+        """Create the table (`schema` None: with no columns yet, a claim's placeholder that the first publication
+        fills); if another created it meanwhile, that one (the caller then checks its epoch)."""
         from pyiceberg.exceptions import TableAlreadyExistsError
+        from pyiceberg.schema import Schema
 
+        failpoints.hit("before_table_create")
         self.catalog.create_namespace_if_not_exists(self.cfg.namespace)
+        columns = Schema() if schema is None else iceberg_schema(schema, self.docs)
+        props = {**TABLE_PROPERTIES, **(self.properties if schema is not None else {OUTPUT: self.storage.url})}
         try:
-            return self.catalog.create_table(self.identifier, schema=iceberg_schema(schema, self.docs),
-                                             properties={**TABLE_PROPERTIES, **self.properties})
+            return self.catalog.create_table(self.identifier, schema=columns, properties=props)
         except TableAlreadyExistsError:
             return self.catalog.load_table(self.identifier)
 
@@ -223,7 +230,7 @@ class TablePublisher:
         if owner is not None and owner != self.storage.url:
             raise OutputError(f"Iceberg table {self.full_name} holds the output {owner}, not {self.storage.url}; "
                               "refusing to replace its files (use another table name)")
-        if schema is not None:
+        if schema is not None and table.schema().fields:  # no columns: a claim's placeholder, adopted
             diff = schema_difference(table.schema(), iceberg_schema(schema, {}))
             if diff is not None:
                 raise OutputError(f"Iceberg table {self.full_name} has other columns than this output ({diff}); "
@@ -244,13 +251,15 @@ class TablePublisher:
     def claim(self) -> bool:
         """Stamp the table with this holder's epoch (an empty snapshot), before the holder deletes anything: a late
         publisher's commit then has a stale base, and on its re-read it finds the newer epoch and stops. Nothing
-        to do when the table does not exist or already carries this epoch; True if a snapshot was committed."""
+        to do when the table already carries this epoch; True if a snapshot was committed. A missing table is
+        created first (no columns until the first publication): a late publisher that meant to create it finds it
+        there, with this epoch."""
         from pyiceberg.exceptions import CommitFailedException
 
         for _ in range(ATTEMPTS):
             table = self.load()
             if table is None:
-                return False
+                table = self._create(None)
             self._check(table, None)
             if table_epoch(table) == self.epoch and table.current_snapshot() is not None:
                 return False
@@ -300,6 +309,11 @@ class TablePublisher:
             if not add and not remove and tagged and table.current_snapshot() is not None:
                 return Published(self.full_name, table.current_snapshot().snapshot_id, len(wanted), 0, 0, False)
             tx = table.transaction()
+            if schema is not None and not table.schema().fields:  # a claim's placeholder: the output's columns
+                with tx.update_schema(allow_incompatible_changes=True) as columns:
+                    columns.union_by_name(iceberg_schema(schema, self.docs))
+                tx.set_properties(**{**self.properties, "schema.name-mapping.default":
+                                     tx.table_metadata.schema().name_mapping.model_dump_json()})
             if tx.table_metadata.name_mapping() is None:
                 tx.set_properties(**{"schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
