@@ -50,7 +50,8 @@ ATTEMPTS = 10
 logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)  # "statistics missing" for every vector column
 TABLE_PROPERTIES = {
     "commit.retry.num-retries": "0",  # a refused commit comes back to us: the epoch is checked before a retry
-    "commit.manifest-merge.enabled": "true",  # periodic publications do not leave one manifest each
+    "commit.manifest-merge.enabled": "true",  # periodic publications do not leave one manifest each: at the 16th
+    "commit.manifest.min-count-to-merge": "16",  # small manifest they merge (pyiceberg's default waits for 100)
 }
 
 
