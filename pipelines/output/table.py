@@ -315,6 +315,17 @@ class TablePublisher:
                     columns.union_by_name(iceberg_schema(schema, self.docs))
                 tx.set_properties(**{**self.properties, "schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
+            elif schema is not None:
+                # what the table says about its vectors follows the output (a reindex to new dimensions, say)
+                stale = {k: v for k, v in self.properties.items() if table.properties.get(k) != v}
+                docs = {n: d for n, d in self.docs.items()
+                        if n in table.schema().column_names and table.schema().find_field(n).doc != d}
+                if stale:
+                    tx.set_properties(**stale)
+                if docs:
+                    with tx.update_schema() as columns:
+                        for name, doc in docs.items():
+                            columns.update_column(name, doc=doc)
             if tx.table_metadata.name_mapping() is None:
                 tx.set_properties(**{"schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
