@@ -4,8 +4,8 @@ overwrite snapshots with time travel, gc expiring them, and a table of other col
 
 Outputs are built with the real commit protocol (`support.late_writer.run_output`, no Ray) on local disk and on
 the S3 server; catalogs are real: the embedded SQL catalog on SQLite, and a SQL catalog on a PostgreSQL server
-the session fixture starts on 127.0.0.1 (`postgres_server`, warehouse on the S3 server). The expected sets come from the commit records, read by
-the reader (`committed_files`, `read_committed`), never from the table code.
+the session fixture starts on 127.0.0.1 (`postgres_server`, warehouse on the S3 server). The expected sets come
+from the commit records, read by the reader (`committed_files`, `read_committed`), never from the table code.
 """
 
 from __future__ import annotations
