@@ -355,7 +355,8 @@ class TablePublisher:
 
     def expire_versions(self, versions: list[str]) -> int:
         """Before `gc` deletes index versions: drop their tags and expire every snapshot of them (never the
-        current one); returns how many snapshots were expired."""
+        current one), and the version-less ones (claims made before the first version: they name no files);
+        returns how many snapshots were expired."""
         from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
@@ -366,7 +367,8 @@ class TablePublisher:
                 return 0
             self._check(table, None)
             current = table.current_snapshot()
-            doomed = [s.snapshot_id for s in table.snapshots() if s.summary and s.summary[VERSION] in gone
+            doomed = [s.snapshot_id for s in table.snapshots()
+                      if s.summary and (s.summary[VERSION] in gone or not s.summary[VERSION])
                       and (current is None or s.snapshot_id != current.snapshot_id)]
             tags = [t for t in gone if t in table.metadata.refs]
             if not doomed and not tags:
