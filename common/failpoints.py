@@ -35,6 +35,7 @@ tests pause a writer there and wake it after another took the output over):
 - before_orphan_delete   orphan sweep: before a batch of orphans is deleted
 - before_discard_delete  reindex discard: after the tombstone, before the attempt's files are deleted
 - before_gc_delete       gc: before a dropped version's files are deleted
+- before_table_create    Iceberg claim or publication: no table found, before creating it
 - before_table_commit    Iceberg publication: the snapshot planned and written, before the catalog's commit
 - after_table_commit     Iceberg publication: after the catalog's commit (the table names the new set)
 """
@@ -48,7 +49,7 @@ import time
 POINTS = ("before_piece_write", "after_piece_write", "before_commit_write", "after_commit_write", "replica_batch",
           "before_pointer_write", "rank_bucket", "merge_write", "after_merge", "before_job_write",
           "before_commit_create", "before_orphan_delete", "before_discard_delete", "before_gc_delete",
-          "before_table_commit", "after_table_commit")
+          "before_table_create", "before_table_commit", "after_table_commit")
 _hits: collections.Counter[str] = collections.Counter()
 
 

@@ -28,7 +28,7 @@ import pytest
 
 from support.s3_server import S3Server
 
-INTEGRATION_FIXTURES = {"ray_local", "s3_server", "s3_bucket"}
+INTEGRATION_FIXTURES = {"ray_local", "s3_server", "s3_bucket", "postgres_server"}
 KEEP_IDLE_WORKERS = {"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 3_600_000}
 TIER_MARKERS = ("integration", "slow", "gpu")
 
@@ -73,6 +73,19 @@ def s3_server():
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL cluster on 127.0.0.1 (``support.postgres.PostgresServer``), shared by the session: the
+    database of an Iceberg SQL catalog server. Skipped where Debian's PostgreSQL is not installed."""
+    from support.postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql): no catalog server to test against")
+    with PostgresServer(bin_dir) as server:
+        yield server
 
 
 @pytest.fixture

@@ -16,9 +16,11 @@ publisher stops (`LockLost`) if any snapshot of the table carries a newer epoch.
 catalog's compare-and-swap (a commit whose base snapshot is no longer the table's is refused; pyiceberg's own
 retry, which would re-apply the change on the new state, is switched off for these tables), and a refused
 commit is re-planned from the table's new state only after that epoch check passes again. A new lock holder
-`claim`s the table (an empty snapshot of its epoch) before it deletes anything, so a paused publisher that wakes
-finds its base stale and then the newer epoch: it can never roll the table back, nor add files a newer writer
-removed.
+`claim`s the table (an empty snapshot of its epoch) before it deletes anything, creating it when there is none
+yet (columns unknown until the first committed file: an empty schema, adopted by the first publication), so a
+paused publisher that wakes always meets the newer epoch (its base stale, or the table it meant to create already
+there): it can never roll the table back, nor add files a newer writer removed, even where its own lease check
+and its catalog commit are far apart.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ ATTEMPTS = 10
 logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)  # "statistics missing" for every vector column
 TABLE_PROPERTIES = {
     "commit.retry.num-retries": "0",  # a refused commit comes back to us: the epoch is checked before a retry
-    "commit.manifest-merge.enabled": "true",  # periodic publications do not leave one manifest each
+    "commit.manifest-merge.enabled": "true",  # periodic publications do not leave one manifest each: at the 16th
+    "commit.manifest.min-count-to-merge": "16",  # small manifest they merge (pyiceberg's default waits for 100)
 }
 
 
@@ -210,13 +213,18 @@ class TablePublisher:
         path = url if self.storage.is_local else self.storage.fs._strip_protocol(url)
         return pq.read_schema(path, filesystem=arrow_filesystem(self.storage))
 
-    def _create(self, schema: pa.Schema):
+    def _create(self, schema: pa.Schema | None):
+        """Create the table (`schema` None: with no columns yet, a claim's placeholder that the first publication
+        fills); if another created it meanwhile, that one (the caller then checks its epoch)."""
         from pyiceberg.exceptions import TableAlreadyExistsError
+        from pyiceberg.schema import Schema
 
+        failpoints.hit("before_table_create")
         self.catalog.create_namespace_if_not_exists(self.cfg.namespace)
+        columns = Schema() if schema is None else iceberg_schema(schema, self.docs)
+        props = {**TABLE_PROPERTIES, **(self.properties if schema is not None else {OUTPUT: self.storage.url})}
         try:
-            return self.catalog.create_table(self.identifier, schema=iceberg_schema(schema, self.docs),
-                                             properties={**TABLE_PROPERTIES, **self.properties})
+            return self.catalog.create_table(self.identifier, schema=columns, properties=props)
         except TableAlreadyExistsError:
             return self.catalog.load_table(self.identifier)
 
@@ -226,7 +234,7 @@ class TablePublisher:
         if owner is not None and owner != self.storage.url:
             raise OutputError(f"Iceberg table {self.full_name} holds the output {owner}, not {self.storage.url}; "
                               "refusing to replace its files (use another table name)")
-        if schema is not None:
+        if schema is not None and table.schema().fields:  # no columns: a claim's placeholder, adopted
             diff = schema_difference(table.schema(), iceberg_schema(schema, {}))
             if diff is not None:
                 raise OutputError(f"Iceberg table {self.full_name} has other columns than this output ({diff}); "
@@ -247,13 +255,15 @@ class TablePublisher:
     def claim(self) -> bool:
         """Stamp the table with this holder's epoch (an empty snapshot), before the holder deletes anything: a late
         publisher's commit then has a stale base, and on its re-read it finds the newer epoch and stops. Nothing
-        to do when the table does not exist or already carries this epoch; True if a snapshot was committed."""
+        to do when the table already carries this epoch; True if a snapshot was committed. A missing table is
+        created first (no columns until the first publication): a late publisher that meant to create it finds it
+        there, with this epoch."""
         from pyiceberg.exceptions import CommitFailedException
 
         for _ in range(ATTEMPTS):
             table = self.load()
             if table is None:
-                return False
+                table = self._create(None)
             self._check(table, None)
             if table_epoch(table) == self.epoch and table.current_snapshot() is not None:
                 return False
@@ -303,6 +313,22 @@ class TablePublisher:
             if not add and not remove and tagged and table.current_snapshot() is not None:
                 return Published(self.full_name, table.current_snapshot().snapshot_id, len(wanted), 0, 0, False)
             tx = table.transaction()
+            if schema is not None and not table.schema().fields:  # a claim's placeholder: the output's columns
+                with tx.update_schema(allow_incompatible_changes=True) as columns:
+                    columns.union_by_name(iceberg_schema(schema, self.docs))
+                tx.set_properties(**{**self.properties, "schema.name-mapping.default":
+                                     tx.table_metadata.schema().name_mapping.model_dump_json()})
+            elif schema is not None:
+                # what the table says about its vectors follows the output (a reindex to new dimensions, say)
+                stale = {k: v for k, v in self.properties.items() if table.properties.get(k) != v}
+                docs = {n: d for n, d in self.docs.items()
+                        if n in table.schema().column_names and table.schema().find_field(n).doc != d}
+                if stale:
+                    tx.set_properties(**stale)
+                if docs:
+                    with tx.update_schema() as columns:
+                        for name, doc in docs.items():
+                            columns.update_column(name, doc=doc)
             if tx.table_metadata.name_mapping() is None:
                 tx.set_properties(**{"schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
@@ -332,7 +358,8 @@ class TablePublisher:
 
     def expire_versions(self, versions: list[str]) -> int:
         """Before `gc` deletes index versions: drop their tags and expire every snapshot of them (never the
-        current one); returns how many snapshots were expired."""
+        current one), and the version-less ones (claims made before the first version: they name no files);
+        returns how many snapshots were expired."""
         from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
@@ -343,7 +370,8 @@ class TablePublisher:
                 return 0
             self._check(table, None)
             current = table.current_snapshot()
-            doomed = [s.snapshot_id for s in table.snapshots() if s.summary and s.summary[VERSION] in gone
+            doomed = [s.snapshot_id for s in table.snapshots()
+                      if s.summary and (s.summary[VERSION] in gone or not s.summary[VERSION])
                       and (current is None or s.snapshot_id != current.snapshot_id)]
             tags = [t for t in gone if t in table.metadata.refs]
             if not doomed and not tags:

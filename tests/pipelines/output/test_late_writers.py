@@ -332,22 +332,27 @@ def test_a_late_success_does_not_finish_a_newer_run(store):
         assert root.read_success()["rows"] == 6
 
 
+def _table_config(store: Storage, tmp_path: Path):
+    """The embedded catalog for a local output; for S3, a SQL catalog on SQLite here, its warehouse in the bucket."""
+    from pipelines.config import TableConfig
+
+    if store.is_local:
+        return TableConfig(name="docs")
+    bucket = store.url.removeprefix("s3://").split("/")[0]
+    return TableConfig(name="docs", catalog={"name": "s3cat", "properties": {
+        "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}})
+
+
 def test_a_late_table_publisher_can_neither_roll_back_nor_duplicate_what_a_newer_holder_published(
         store, driver_a, tmp_path):
     """Story 7: A commits items 1-3 and plans the Iceberg snapshot that adds their files, then pauses before the
     catalog's commit. B takes over, claims the table (a snapshot of its epoch), adopts A's commits and publishes.
     A wakes: its commit's base is stale, so the catalog refuses it; re-planning, A finds B's newer epoch and
     stops. The table names exactly the committed files, once each, published by B."""
-    from pipelines.config import TableConfig
     from pipelines.output.reader import committed_files
     from pipelines.output.table import EPOCH, claim_tables, open_catalog, publish_output
 
-    if store.is_local:
-        cfg = TableConfig(name="docs")
-    else:
-        bucket = store.url.removeprefix("s3://").split("/")[0]
-        cfg = TableConfig(name="docs", catalog={"name": "s3cat", "properties": {
-            "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}})
+    cfg = _table_config(store, tmp_path)
     a = driver_a("table", store, "before_table_commit", env={"TABLE_CONFIG": cfg.model_dump_json()})
     lock = take_over(store)
     try:
@@ -365,3 +370,39 @@ def test_a_late_table_publisher_can_neither_roll_back_nor_duplicate_what_a_newer
     assert sorted(files) == sorted(committed_files(store.url, store.storage_options)) and len(files) == 3
     assert table.current_snapshot().summary[EPOCH] == str(lock.epoch)
     assert max(int(s.summary[EPOCH]) for s in table.snapshots()) == lock.epoch
+
+
+def test_a_late_publisher_that_meant_to_create_the_table_meets_the_newer_epoch(store, driver_a, tmp_path):
+    """Story 8: no table exists yet. A, claiming at its start, finds none and pauses before creating it. B takes
+    over and claims first: its claim creates the table (no columns yet) with an empty snapshot of B's epoch. A
+    wakes while B still holds the output and has published nothing: the table it meant to create is there, with
+    the newer epoch, so A stops. B's publication then gives the table the output's columns and exactly the
+    committed files."""
+    from pipelines.output.reader import committed_files
+    from pipelines.output.table import EPOCH, claim_tables, open_catalog, publish_output
+
+    cfg = _table_config(store, tmp_path)
+    a = driver_a("table", store, "before_table_create", env={"TABLE_CONFIG": cfg.model_dump_json()})
+    lock = take_over(store)
+    try:
+        claim_tables(store, cfg)
+        for name in ("docs", "docs_rejects"):
+            claimed = open_catalog(cfg, store).load_table(("embedrank", name))
+            assert len(claimed.schema().fields) == 0  # columns come with the first committed file
+            assert [s.summary[EPOCH] for s in claimed.snapshots()] == [str(lock.epoch)]
+            assert list(claimed.scan().plan_files()) == []
+        a.wake()
+        code, out = a.finish()
+        assert code == 4 and "newer lease" in out, out
+        run_output(OutputRoot(store), [item(1), item(2), item(3)])
+        published = publish_output(store.url, store.storage_options, cfg)
+    finally:
+        lock.release()
+    assert published["table"]["added"] == 3
+    table = open_catalog(cfg, store).load_table(("embedrank", "docs"))
+    files = [t.file.file_path for t in table.scan().plan_files()]
+    assert sorted(files) == sorted(committed_files(store.url, store.storage_options)) and len(files) == 3
+    assert [f.name for f in table.schema().fields] == ["id", "embedding"]
+    assert table.properties["embedrank.cast.embedding.duckdb"] == "CAST(embedding AS FLOAT[2])"
+    assert sorted(table.scan().to_arrow().column("id").to_pylist()) == ids(store.url, store.storage_options)
+    assert {s.summary[EPOCH] for s in table.snapshots()} == {str(lock.epoch)}

@@ -226,3 +226,48 @@ def test_engines_read_exactly_the_committed_rows_through_the_iceberg_table(outpu
     assert {t.file.file_path for t in table.scan().plan_files()} == set(committed_files(out))
     rejects = open_catalog(TableConfig(name="docs"), Storage(out)).load_table("embedrank.docs_rejects")
     assert rejects.scan().to_arrow().num_rows == read_committed(out, rejects=True).num_rows == 1
+
+
+def _duckdb_extension(name: str):
+    """The file of DuckDB's `name` extension from its PyPI wheel (`duckdb-extension-<name>`), for the installed
+    DuckDB; None where the wheel is missing or built for another DuckDB."""
+    import importlib
+    import os
+
+    import duckdb
+
+    try:
+        package = importlib.import_module(f"duckdb_extension_{name}")
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(package.__file__), "extensions", f"v{duckdb.__version__}",
+                        f"{name}.duckdb_extension")
+    return path if os.path.exists(path) else None
+
+
+def test_duckdb_reads_exactly_the_committed_rows_through_the_iceberg_table(outputs):
+    """DuckDB's iceberg extension (installed from its PyPI wheel, which pins the DuckDB it loads into) reads the
+    table's current metadata: exactly the committed rows and vectors, cast back to fixed-size arrays."""
+    import duckdb
+
+    from pipelines.config import TableConfig
+    from pipelines.output.table import open_catalog
+    from pipelines.storage import Storage
+
+    found = {n: _duckdb_extension(n) for n in ("avro", "iceberg")}
+    if None in found.values():
+        pytest.skip(f"no duckdb-extension-iceberg/-avro wheel for DuckDB {duckdb.__version__} (the test extra pins "
+                    "the DuckDB they match)")
+    out, _ = outputs["local"]
+    table = open_catalog(TableConfig(name="docs"), Storage(out)).load_table("embedrank.docs")
+    con = duckdb.connect()
+    for name, path in found.items():
+        con.execute(f"INSTALL '{path}'; LOAD {name}")
+    cast = table.properties["embedrank.cast.embedding.duckdb"]
+    got = con.execute(f"SELECT id, {cast} AS embedding FROM iceberg_scan('{table.metadata_location}') "
+                      "ORDER BY id").fetch_arrow_table()
+    whole = read_committed(out).sort_by("id")
+    assert got.column("id").to_pylist() == whole.column("id").to_pylist() and got.num_rows == 39
+    assert got.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    assert np.array_equal(np.asarray(got.column("embedding").to_pylist(), np.float32),
+                          np.asarray(whole.column("embedding").to_pylist(), np.float32))

@@ -4,8 +4,8 @@ overwrite snapshots with time travel, gc expiring them, and a table of other col
 
 Outputs are built with the real commit protocol (`support.late_writer.run_output`, no Ray) on local disk and on
 the S3 server; catalogs are real: the embedded SQL catalog on SQLite, and a SQL catalog on a PostgreSQL server
-this module starts on 127.0.0.1 (`postgres_catalog`). The expected sets come from the commit records, read by
-the reader (`committed_files`, `read_committed`), never from the table code.
+the session fixture starts on 127.0.0.1 (`postgres_server`, warehouse on the S3 server). The expected sets come
+from the commit records, read by the reader (`committed_files`, `read_committed`), never from the table code.
 """
 
 from __future__ import annotations
@@ -250,3 +250,35 @@ def test_index_versions_are_tagged_overwrite_snapshots_with_time_travel_and_gc_e
     assert ids_of(table.scan().to_arrow()) == ids_of(wanted["v000003"])  # every file it names is still there
     assert ids_of(table.scan(snapshot_id=table.snapshot_by_name("v000003").snapshot_id).to_arrow()) == \
         ids_of(wanted["v000003"])
+
+
+@pytest.mark.integration
+def test_a_sql_catalog_on_a_postgresql_server_with_its_warehouse_on_s3(postgres_server, s3_bucket, tmp_path):
+    """A catalog server: pyiceberg's SQL catalog on the PostgreSQL server the fixture started on 127.0.0.1, the
+    warehouse (table metadata) in the S3 server's bucket, the output on S3. The table names exactly the committed
+    files and reads exactly the committed rows; PostgreSQL's own catalog row points at the current metadata in
+    the bucket; a republish commits nothing."""
+    import psycopg2
+
+    bucket, options = s3_bucket
+    store = Storage(f"s3://{bucket}/out", options)
+    cfg = TableConfig(name="docs", catalog={"name": "pg", "properties": {
+        "type": "sql", "uri": postgres_server.uri(), "warehouse": f"s3://{bucket}/warehouse"}})
+    _, first = build(store, [item(1), item(2), item(3)], cfg)
+    assert first["table"]["added"] == 3
+    table = load(store, cfg)
+    assert sorted(table_files(table)) == sorted(committed_files(store.url, options))
+    assert ids_of(table.scan().to_arrow()) == ids_of(read_committed(store.url, options))
+    assert table.metadata_location.startswith(f"s3://{bucket}/warehouse/")
+
+    dsn = postgres_server.uri().replace("postgresql+psycopg2", "postgresql")
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT table_namespace, table_name, metadata_location FROM iceberg_tables ORDER BY 2")
+        found = cur.fetchall()
+    assert [(ns, name) for ns, name, _ in found] == [("embedrank", "docs")]  # no rejects: no rejects table
+    assert found[0][2] == table.metadata_location
+    assert store.fs.exists(table.metadata_location)
+
+    with OutputLock(store, 30):
+        again = publish_output(store.url, options, cfg)
+    assert not again["table"]["changed"] and len(load(store, cfg).snapshots()) == len(table.snapshots())

@@ -5,6 +5,10 @@ with a full backfill of the last snapshot, bit for bit. Each row is embedded alo
 (`max_batch_tokens: 1`) so that a vector depends on its text only, not on which rows shared its batch:
 otherwise a carried vector (computed beside other rows, snapshots ago) and a recomputed one may differ in
 the last bit of fp32 with no error anywhere.
+
+The index is also published as an Iceberg table (`index.table`: a SQL catalog on SQLite, warehouse in the bucket):
+each version a tagged snapshot with time travel to each, the killed attempt publishing nothing, gc expiring
+the dropped versions' snapshots, and the table's vector properties following a re-embed to new dimensions.
 """
 
 import io
@@ -21,8 +25,11 @@ import pytest
 
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
-from pipelines.output.reader import read_committed
+from pipelines.config import TableConfig
+from pipelines.output.lock import OutputLock
+from pipelines.output.reader import committed_files, read_committed
 from pipelines.output.status import format_status, job_status
+from pipelines.output.table import VERSION, expire_index_versions, open_catalog
 from pipelines.output.verify import verify_output
 from pipelines.reindex.config import ReindexJobConfig
 from pipelines.reindex.index import IndexRoot
@@ -71,10 +78,10 @@ def upload(fs, bucket: str, name: str, snapshot: dict[str, dict[str, str]]) -> s
     return f"s3://{bucket}/{name}/*.parquet"
 
 
-def job(paths: str, index: str, opts: dict, model: str, **model_over) -> dict:
+def job(paths: str, index: str, opts: dict, model: str, table: dict | None = None, **model_over) -> dict:
     return {"input": {"paths": [paths], "id_column": "doc_id", "rows_per_item": 20, "storage_options": opts},
             "model": {"path": model, "max_length": 32, "max_batch_tokens": 1, **model_over},
-            "index": {"path": index, "diff_partitions": 2},
+            "index": {"path": index, "diff_partitions": 2, **({"table": table} if table else {})},
             "compute": {"batch_rows": 32}, "run": {"progress_interval_s": 1}}
 
 
@@ -102,14 +109,26 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     index_url = f"s3://{bucket}/index"
     index = IndexRoot(Storage(index_url, opts))
     model = str(tiny_embedding_model)
+    table_cfg = {"name": "idx", "catalog": {"name": "idx", "properties": {
+        "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}}}
+
+    def iceberg():
+        return open_catalog(TableConfig.model_validate(table_cfg), index.storage).load_table("embedrank.idx")
+
+    def ids_at(version: str | None) -> list[str]:
+        """The ids the table reads at a version's tag (None: its current snapshot)."""
+        t = iceberg()
+        snap = t.snapshot_by_name(version) if version else t.current_snapshot()
+        assert snap is not None, version
+        return sorted(t.scan(snapshot_id=snap.snapshot_id).to_arrow().column("id").to_pylist())
 
     # snapshot 1: the first version embeds every live document
-    s1, log = reindex(job(paths[0], index_url, opts, model))
+    s1, log = reindex(job(paths[0], index_url, opts, model, table_cfg))
     assert s1["published"] == "v000001" and s1["embedded_rows"] == len(live(snaps[0])) == 119, log
     assert s1["counts"]["new"] == 119 and s1["counts"]["rejected"] == 1
 
     # snapshot 2: 10 new, 3 edited, 2 deleted; files a and c are byte-identical, so kept by reference
-    s2, log = reindex(job(paths[1], index_url, opts, model))
+    s2, log = reindex(job(paths[1], index_url, opts, model, table_cfg))
     expected2 = oracle(live(snaps[0]), live(snaps[1]))
     assert {k: s2["counts"][k] for k in expected2} == expected2 == {"new": 10, "deleted": 2, "changed": 3,
                                                                     "unchanged": 114}
@@ -118,13 +137,16 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     v2 = by_id(read_committed(index_url, opts))
     assert v2.column("id").to_pylist() == sorted(live(snaps[1]))
     assert "new 10 · changed 3 · unchanged 114 · deleted 2 · rejected 1" in log
+    assert ids_at("v000002") == ids_at(None) == sorted(live(snaps[1]))  # the table: v2 current, tagged,
+    assert ids_at("v000001") == sorted(live(snaps[0]))  # and time travel to v1
+    assert iceberg().snapshot_by_name("v000002").summary[VERSION] == "v000002"
 
     # snapshot 3, first attempt killed after its diff and its 2 by-reference commits, while a reader polls
     # (a kill half way through the build resumes through the same commit loop: test_crash_recovery)
     cfg_file = tmp_path / "reindex3.yaml"
     import ray  # the killed driver joins this session's Ray instead of starting its own
 
-    spec = job(paths[2], index_url, opts, model)
+    spec = job(paths[2], index_url, opts, model, table_cfg)
     spec["run"]["ray_address"] = ray.get_runtime_context().gcs_address
     cfg_file.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBEDRANK_"))}
@@ -145,8 +167,9 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     assert (status["version"], status["current_version"], status["items_committed"]) == ("v000003", "v000002", 2)
     assert status["state"].startswith("stopped") and "building v000003 (current: v000002)" in format_status(status)
     assert by_id(read_committed(index_url, opts)).equals(v2)
+    assert iceberg().snapshot_by_name("v000003") is None and ids_at(None) == sorted(live(snaps[1]))
 
-    s3, log = reindex(job(paths[2], index_url, opts, model))
+    s3, log = reindex(job(paths[2], index_url, opts, model, table_cfg))
     expected3 = oracle(live(snaps[1]), live(snaps[2]))
     assert {k: s3["counts"][k] for k in expected3} == expected3 == {"new": 4, "deleted": 15, "changed": 2,
                                                                     "unchanged": 110}
@@ -168,13 +191,22 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     assert np.array_equal(vectors(got), vectors(expected))
     for column in ("n_tokens", "truncated"):
         assert got.column(column).equals(expected.column(column))
+    through_table = by_id(iceberg().scan().to_arrow())
+    assert through_table.column("id").equals(got.column("id")) and np.array_equal(vectors(through_table),
+                                                                                   vectors(got))
+    assert ids_at("v000003") == sorted(live(snaps[2])) and ids_at("v000001") == sorted(live(snaps[0]))
+    assert sorted(t.file.file_path for t in iceberg().scan().plan_files()) == sorted(committed_files(index_url, opts))
 
     # versions and gc: v3 still names files of v2 (file b, unchanged since snapshot 2), so gc keeps exactly those
     states = {r["version"]: r["state"] for r in index.describe()}
     assert states == {"v000001": "previous", "v000002": "previous", "v000003": "current"}
     named_in_v2 = {p for p in index.named_files("v000003") if p.startswith("v000002/")}
     assert named_in_v2 and not {p for p in index.named_files("v000003") if p.startswith("v000001/")}
-    index.gc(1, io.StringIO())
+    with OutputLock(index.storage, 30):  # as `embedrank gc` does: the table is expired by the lock's holder
+        index.gc(1, io.StringIO(), before_delete=lambda dropped: expire_index_versions(index.storage, dropped))
+    assert iceberg().snapshot_by_name("v000001") is None and iceberg().snapshot_by_name("v000002") is None
+    assert {s.summary[VERSION] for s in iceberg().snapshots()} == {"v000003"}
+    assert ids_at("v000003") == ids_at(None) == sorted(live(snaps[2]))  # every file it names is still there
     assert index.storage.list_files("v000001") == []
     after_gc = {r["version"]: r["state"].split()[0] for r in index.describe()}
     assert after_gc.pop("v000003") == "current" and after_gc.get("v000002") == "collected"
@@ -183,17 +215,25 @@ def test_three_snapshots_embed_only_what_changed_and_publish_atomically(
     assert by_id(read_committed(index_url, opts)).equals(got) and verify_output(index_url, opts).ok
 
     # a new model setting re-embeds everything, said clearly; a second identical run publishes nothing
-    s4, log = reindex(job(paths[2], index_url, opts, model, dimensions=32))
+    s4, log = reindex(job(paths[2], index_url, opts, model, table_cfg, dimensions=32))
     assert s4["full_reembed"] and "FULL RE-EMBED" in log and "dimensions" in log
     assert s4["embedded_rows"] == len(live(snaps[2])) == s4["counts"]["reembedded"]
     assert s4["counts"]["base_rows"] == len(live(snaps[2])) and "full re-embed 116" in log
     assert vectors(read_committed(index_url, opts)).shape == (len(live(snaps[2])), 32)
-    s5, log = reindex(job(paths[2], index_url, opts, model, dimensions=32))
+    table4 = iceberg()
+    assert vectors(by_id(table4.scan().to_arrow())).shape == (len(live(snaps[2])), 32)
+    assert table4.properties["embedrank.dimensions"] == "32" and "32 x float" in table4.schema().find_field(
+        "embedding").doc and "FLOAT[32]" in table4.properties["embedrank.cast.embedding.duckdb"]
+    assert ids_at("v000004") == sorted(live(snaps[2]))
+    s5, log = reindex(job(paths[2], index_url, opts, model, table_cfg, dimensions=32))
     assert s5["published"] is None and "nothing changed since v000004" in log
     assert index.current()["version"] == "v000004"
     # its attempt is tombstoned (numbers are never reused): only the tombstone is left of it
     assert index.versions()[-1] == "v000005" and index.is_discarded("v000005")
     assert index.storage.list_files("v000005") == ["v000005/_reindex.json"]
+    assert iceberg().snapshot_by_name("v000005") is None and iceberg().current_snapshot().summary[VERSION] == \
+        "v000004" and sorted(t.file.file_path for t in iceberg().scan().plan_files()) == sorted(
+            committed_files(index_url, opts))
     with capsys.disabled():
         print(f"\nrows embedded: v1 {s1['embedded_rows']}, v2 {s2['embedded_rows']} (counts {s2['counts']}), v3 "
               f"{s3['embedded_rows_in_version']} over the killed run and the resume (counts {s3['counts']}); "

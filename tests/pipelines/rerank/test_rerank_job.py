@@ -1,4 +1,5 @@
-"""Reranking end to end on local Ray against the real S3 server: flat pairs and doc-id + documents."""
+"""Reranking end to end on local Ray against the real S3 server: flat pairs and doc-id + documents. The flat-pairs
+job also publishes its final ranks and rejects as Iceberg tables (`output.table`)."""
 
 import io
 import json
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.faulty_proxy import FAULT_KINDS, FaultyProxy
 
-from pipelines.output.reader import read_committed
+from pipelines.output.reader import committed_files, read_committed
 from pipelines.output.root import COMMITS_DIR, RANK_COMMITS_DIR
 from pipelines.output.verify import verify_output
 from pipelines.rerank.config import RerankJobConfig
@@ -31,13 +32,13 @@ def put(fs, path, table):
     fs.pipe(path, buf.getvalue())
 
 
-def job(inp, out, opts, model, documents=None, top_k=None, rank_buckets=4):
+def job(inp, out, opts, model, documents=None, top_k=None, rank_buckets=4, table=None):
     return RerankJobConfig.model_validate({
         "input": {"paths": inp, "rows_per_item": 20, "storage_options": opts,
                   **({"text_column": None} if documents else {})},
         **({"documents": {"paths": documents, "storage_options": opts, "join_partitions": 4}} if documents else {}),
         "model": {"path": str(model), "max_length": 96, "max_batch_tokens": 2048, "instruction": INSTRUCTION},
-        "output": {"path": out, "top_k": top_k, "rank_buckets": rank_buckets},
+        "output": {"path": out, "top_k": top_k, "rank_buckets": rank_buckets, **({"table": table} if table else {})},
         "compute": {"batch_rows": 32},
         "run": {"progress_interval_s": 0.5},
     })
@@ -63,7 +64,8 @@ def check_ranks(table, top_k=None):
     return by_query
 
 
-def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket, s3_server, tiny_reranker_model):
+def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket, s3_server, tiny_reranker_model,
+                                                          tmp_path):
     bucket, opts = s3_bucket
     fs = s3_server.filesystem()
     rng = np.random.default_rng(0)
@@ -89,7 +91,19 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
             pa.table({"query_id": [q for q, _ in rows], "query": qs, "doc_id": [d for _, d in rows],
                       "text": pa.array(ts, pa.string())}))
     out = f"s3://{bucket}/reranked/v1"
-    cfg = job([f"s3://{bucket}/pairs/*.parquet"], out, opts, tiny_reranker_model)
+    table_cfg = {"name": "ranks", "catalog": {"name": "rr", "properties": {
+        "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse"}}}
+    cfg = job([f"s3://{bucket}/pairs/*.parquet"], out, opts, tiny_reranker_model, table=table_cfg)
+
+    def iceberg(name="ranks"):
+        from pipelines.output.table import open_catalog
+        from pipelines.storage import Storage
+
+        return open_catalog(cfg.output.table, Storage(out, opts)).load_table(("embedrank", name))
+
+    def same_rows(a, b):
+        return sorted(a.to_pylist(), key=lambda r: (r["query_id"], r["doc_id"])) == sorted(
+            b.select(a.column_names).to_pylist(), key=lambda r: (r["query_id"], r["doc_id"]))
 
     first = run_rerank(cfg)
     totals = first["totals"]
@@ -116,6 +130,12 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
     rejects = read_committed(out, opts, rejects=True)
     assert sorted(rejects.column("reason").to_pylist()).count("duplicate_pair") == totals["reject_reasons"][
         "duplicate_pair"]
+    # the Iceberg tables: exactly the final rank files (ranked from the committed scores) and the reject files
+    ranks = iceberg()
+    assert sorted(t.file.file_path for t in ranks.scan().plan_files()) == sorted(committed_files(out, opts))
+    assert same_rows(ranked, ranks.scan().to_arrow()) and ranks.scan().to_arrow().num_rows == len(expected)
+    assert iceberg("ranks_rejects").scan().to_arrow().num_rows == rejects.num_rows == sum(
+        totals["reject_reasons"].values())
 
     again = run_rerank(cfg)
     assert again["items_processed"] == 0 and again["totals"]["rows"] == len(expected)
@@ -129,6 +149,9 @@ def test_flat_pairs_across_shards_rank_per_query_and_resume(ray_local, s3_bucket
     after = read_committed(out, opts)
     assert sorted(after.to_pylist(), key=lambda r: (r["query_id"], r["doc_id"])) == sorted(
         ranked.to_pylist(), key=lambda r: (r["query_id"], r["doc_id"]))
+    ranks = iceberg()  # the resumed run's rank files replaced the old ones in the table
+    assert sorted(t.file.file_path for t in ranks.scan().plan_files()) == sorted(committed_files(out, opts))
+    assert same_rows(after, ranks.scan().to_arrow())
 
 
 def test_doc_ids_joined_with_documents_and_top_k_through_a_faulty_s3(ray_local, s3_bucket, s3_server,
