@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipelines.config import Strict, TableConfig, storage_options_field
+from pipelines.config import TableConfig, storage_options_field
 from pipelines.embed.config import EmbedJobConfig, EmbeddingJobBase, OutputConfig, VectorOutputs
 
 
