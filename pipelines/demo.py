@@ -7,7 +7,7 @@ vectors carry no meaning.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 import pathlib
 import random
@@ -24,8 +24,18 @@ from pipelines.embed.job import run_embed
 from pipelines.output.reader import read_committed
 from pipelines.output.verify import verify_output
 
-DEFAULT_CONFIG = pathlib.Path(str(importlib.resources.files("configs") / "demo.yaml"))
-"""configs/ ships with the code (package data), so an installed embedrank finds it as a checkout does."""
+def _shipped_configs() -> pathlib.Path:
+    """configs/ ships with the code (package data), so an installed embedrank finds it as a checkout does. It is a
+    namespace package (YAML only): its search path is read directly, since an editable install adds a path hook
+    entry to it that `importlib.resources` cannot take."""
+    spec = importlib.util.find_spec("configs")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (pathlib.Path(location) / "demo.yaml").is_file():
+            return pathlib.Path(location)
+    return pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+DEFAULT_CONFIG = _shipped_configs() / "demo.yaml"
 WORDS = ("ray data embeds every shard of the corpus exactly once while replicas of the model run "
          "batches sorted by length under a token budget and the driver commits work items atomically "
          "so a crash loses nothing and a rerun resumes where it stopped").split()
