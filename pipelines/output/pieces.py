@@ -79,7 +79,7 @@ def _vector_encoding(schema: pa.Schema) -> dict:
     """Vector columns (fixed-size lists of floats, or of int8/uint8: quantised and packed-bit vectors) are
     written without a dictionary or statistics (neither can help random values: the dictionary is built, then
     dropped, per row group), and float32 values byte-stream-split, which zstd then compresses: for 1024-d
-    float32 unit vectors ~9% smaller files, read 2-4x faster (`python -m benchmarks.file_layout`). Every other
+    float32 unit vectors ~9% smaller files, read 2.3-4.4x faster (`python -m benchmarks.file_layout`). Every other
     column keeps Parquet's defaults."""
     vectors = [f for f in schema if pa.types.is_fixed_size_list(f.type)
                and (pa.types.is_floating(f.type.value_type) or pa.types.is_int8(f.type.value_type)
