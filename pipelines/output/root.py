@@ -442,21 +442,17 @@ class OutputRoot:
         fence(self.storage)
         failpoints.hit("before_commit_create")
 
-        def broken(held: dict[str, Any]) -> bool:
+        def ours(held: dict[str, Any]) -> ItemCommit:
             existing = ItemCommit.from_json(held)
             if (existing.item, existing.fingerprint_id) != (record.item, record.fingerprint_id):
                 raise OutputError(f"{self.storage.url}: {rel} was written by another writer with other contents; "
                                   "refusing to overwrite a commit record")
-            return bool(self.missing_files([existing]))
+            return existing
 
-        held = self._create_record(rel, _dumps(record.to_json()), record.epoch, broken)
+        held = self._create_record(rel, _dumps(record.to_json()), record.epoch,
+                                   lambda held: bool(self.missing_files([ours(held)])))
         if held is not None:
-            existing = ItemCommit.from_json(held)
-            if (existing.item, existing.fingerprint_id) != (record.item, record.fingerprint_id):
-                raise OutputError(f"{self.storage.url}: {rel} was written by another writer with other contents; "
-                                  "refusing to overwrite a commit record")
-            self._adopted[record.item] = existing
-            record = existing
+            record = self._adopted[record.item] = ours(held)
         failpoints.hit("after_commit_write")
         self._note_committed(record)
         return record
