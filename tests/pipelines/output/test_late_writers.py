@@ -29,6 +29,8 @@ from pipelines.reindex.index import IndexRoot
 from pipelines.storage import Storage
 from support.late_writer import FP_ID, attempt, commit_of, item, namespaced, run_output, write_piece
 
+pytestmark = pytest.mark.slow  # driver A is a process of its own in each story
+
 STALE_S = 1.0
 REPO = Path(__file__).resolve().parents[3]
 

@@ -109,6 +109,7 @@ def _publish_cli(url: str, failpoint: str | None = None, options: dict | None = 
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow  # the crashing publisher and the converging one are `embedrank publish` processes
 def test_a_crash_on_either_side_of_the_catalog_commit_converges_on_the_next_publish(tmp_path):
     store = Storage(str(tmp_path / "out"))
     cfg = TableConfig(name="docs")
