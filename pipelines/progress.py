@@ -15,6 +15,7 @@ import time
 from typing import Any, Iterator, TextIO
 
 from pipelines.output.records import ItemCommit
+from pipelines.periodic import every
 
 REDRAW_S = 0.2
 _open_bars: dict[int, TextIO] = {}
@@ -111,19 +112,9 @@ class Progress:
     def ticking(self) -> Iterator[None]:
         """While the items phase runs, the progress shows on a timer too, not only when an item commits: a line
         every `interval` (a bar redrawn every second), so a job whose items take long still says it is alive."""
-        stop = threading.Event()
-
-        def tick() -> None:
-            while not stop.wait(min(self.interval, 1.0)):
-                self._show(min(self.interval, 1.0) if self.bar else self.interval)
-
-        thread = threading.Thread(target=tick, name="embedrank-progress", daemon=True)
-        thread.start()
-        try:
+        step = min(self.interval, 1.0)
+        with every(step, lambda: self._show(step if self.bar else self.interval), "embedrank-progress"):
             yield
-        finally:
-            stop.set()
-            thread.join(timeout=2.0)
 
     @property
     def elapsed(self) -> float:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from pipelines.config import RunConfig
+from pipelines.periodic import every
 from pipelines.progress import emit, forget
 
 RESOURCE_REQUEST_EXPIRE_S = "30"
@@ -290,23 +291,15 @@ def report_pending(interval_s: float, stream: TextIO, last_output: list[float], 
     if not joined:
         yield
         return
-    stop = threading.Event()
-
     def watch() -> None:
-        while not stop.wait(interval_s):
-            if time.monotonic() - last_output[0] < interval_s:
-                continue
-            line = pending_line(_autoscaling_status())
-            if line:
-                emit(stream, line + (f" · {pool.short()}" if pool is not None and pool.samples else ""))
+        if time.monotonic() - last_output[0] < interval_s:
+            return
+        line = pending_line(_autoscaling_status())
+        if line:
+            emit(stream, line + (f" · {pool.short()}" if pool is not None and pool.samples else ""))
 
-    thread = threading.Thread(target=watch, name="embedrank-pending", daemon=True)
-    thread.start()
-    try:
+    with every(interval_s, watch, "embedrank-pending", join_s=1.0):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=1.0)
 
 
 # -- quiet output ---------------------------------------------------------------------------------------------
@@ -527,8 +520,6 @@ def watch_pool(report: Any, queued: Callable[[], int], interval_s: float = 1.0) 
     not yet committed. A Ray that moved its private state API leaves the report empty (the job runs on)."""
     import ray
 
-    stop = threading.Event()
-
     def sample() -> None:
         try:
             if not ray.is_initialized():  # a local Ray starts with the graph
@@ -539,15 +530,8 @@ def watch_pool(report: Any, queued: Callable[[], int], interval_s: float = 1.0) 
             return
         report.note(time.monotonic(), alive, wanted, pending, queued())
 
-    def watch() -> None:
-        while not stop.wait(interval_s):
-            sample()
-
-    thread = threading.Thread(target=watch, name="embedrank-pool", daemon=True)
-    thread.start()
     try:
-        yield
+        with every(interval_s, sample, "embedrank-pool"):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=2.0)
         sample()
