@@ -194,14 +194,17 @@ class Startup:
             self.first_item = time.time()
 
     def to_json(self) -> dict[str, Any]:
-        """The phases (seconds since the job's start, except the replica's `imports_s`/`load_s`, durations); the
-        replica's are those of the first replica ready (None where no replica reported, e.g. nothing to do)."""
+        """The job's start (`started_at`, seconds since the epoch: places the marks on another clock of this
+        machine, e.g. a benchmark's launch time) and the phases (seconds since the job's start, except the
+        replica's `imports_s`/`load_s`, durations); the replica's are those of the first replica ready (None where
+        no replica reported, e.g. nothing to do)."""
         def since(t: float | None) -> float | None:
             return None if t is None else round(max(t - self.started, 0.0), 3)
 
         ready = [r for r in self.replicas.values() if r.get("ready_at")]
         first = min(ready, key=lambda r: r["ready_at"]) if ready else {}
-        return {"ray": self.ray, "ray_s": since(self.ray_up) if self.ray_up is not None else 0.0,
+        return {"started_at": round(self.started, 3), "ray": self.ray,
+                "ray_s": since(self.ray_up) if self.ray_up is not None else 0.0,
                 "ray_start_s": round(self.ray_start_s, 3), "replica_ready_s": since(first.get("ready_at")),
                 "replica_imports_s": first.get("imports_s"), "replica_load_s": first.get("load_s"),
                 "replica_first_batch_s": since(first.get("first_batch_at")), "replicas_reported": len(ready),

@@ -23,6 +23,7 @@ def test_phases_are_marks_since_the_jobs_start_and_the_first_replica_ready_count
     s.note_replicas([replica(6, 112.1), replica(7, 114.0)])  # a report seen twice counts once
     s.first_item = 114.0
     phases = s.to_json()
+    assert phases["started_at"] == 100.0  # the marks' origin, on the machine's wall clock
     assert phases["ray"] == "started" and phases["ray_s"] == 6.8 and phases["ray_start_s"] == 6.6
     assert (phases["replica_ready_s"], phases["replica_imports_s"], phases["replica_load_s"]) == (12.1, 3.0, 2.2)
     assert phases["replica_first_batch_s"] == 12.6 and phases["replicas_reported"] == 2
