@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from actors.random_qwen import build_random_qwen3
-    from pipelines.ray_runtime import quiet_ray_data
+    from pipelines.ray_quiet import quiet_ray_data
 
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="embedrank-pipeline-bench-")

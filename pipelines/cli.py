@@ -4,7 +4,7 @@ versions, gc, verify, status, report, files, publish; schema (a config's JSON Sc
 
 User mistakes (bad config, unreadable input, refused output, compute that the cluster can never serve) print
 one clear message and exit 2; they never print a traceback. SIGINT / SIGTERM stop a job cleanly: exit 130 / 143
-with how far it got (`pipelines.ray_runtime.driver_session`).
+with how far it got (`pipelines.driver_session`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     options = _parse_storage_options(args.storage_option)
     session = contextlib.nullcontext()
     if not args.quick and args.engine != "local":
-        from pipelines.ray_runtime import driver_session
+        from pipelines.driver_session import driver_session
 
         session = driver_session()  # a local Ray that the ray engine starts is shut down on the way out
     with session:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     session = contextlib.nullcontext()
     if getattr(args, "runs_ray", False):
-        from pipelines.ray_runtime import driver_session
+        from pipelines.driver_session import driver_session
 
         session = driver_session(verbose=args.verbose)
     try:

@@ -29,8 +29,10 @@ from pipelines.output.pieces import write_file_reject
 from pipelines.output.records import ItemCommit, Piece, Totals
 from pipelines.output.report import REPORT_FILE, write_report
 from pipelines.output.root import OutputRoot
+from pipelines.cluster_view import dry_run_view, watch_pool
+from pipelines.driver_session import stop_deferred
 from pipelines.progress import Progress, Startup, startup_line
-from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stop_deferred, stream_rows, watch_pool
+from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stream_rows, view_for_job
 from pipelines.resources import PoolReport, dry_run_compute, fit_compute
 from pipelines.storage import Storage
 
@@ -163,9 +165,9 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
     plan = spec.plan(cfg, stream)
     if dry_run:
         spec.describe_dry_run(cfg, stream)
-        return dry_run_summary(plan, dry_run_compute(cfg), stream)
+        return dry_run_summary(plan, dry_run_compute(cfg, lambda: dry_run_view(cfg.run)), stream)
     # `auto` decided, impossible requests refused, the pool sized for an autoscaler: before any output is touched
-    cfg = fit_compute(cfg, stream, len(plan.items))
+    cfg = fit_compute(cfg, view_for_job(cfg.run, stream), stream, len(plan.items))
     with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
                     allow_unconditional=cfg.run.allow_unconditional_store), \
             stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand

@@ -12,9 +12,8 @@ import dataclasses
 import sys
 import threading
 import time
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Protocol, TextIO
 
-from pipelines.output.records import ItemCommit
 from pipelines.periodic import every
 
 REDRAW_S = 0.2
@@ -48,6 +47,15 @@ def emit(stream: TextIO, text: str) -> None:
         del _open_bars[id(stream)]
         stream.write("\r\x1b[K")
     print(text, file=stream, flush=True)
+
+
+class Counted(Protocol):
+    """What progress counts of a committed item (an `output.records.ItemCommit` has these): progress reads the
+    figures only, so it needs nothing from the output room."""
+
+    rows: int
+    rejected: int
+    tokens: int
 
 
 def current() -> Progress | None:
@@ -87,7 +95,8 @@ class Progress:
         """The model pool while the pipeline runs (`resources.PoolReport`), shown at the end of the line."""
         _current[:] = [self]
 
-    def update(self, commit: ItemCommit) -> None:
+    def update(self, commit: Counted) -> None:
+        """One more item committed, with its rows, rejected rows and tokens."""
         with self._lock:
             self.items += 1
             self.rows += commit.rows

@@ -1,9 +1,10 @@
 """Fitting a job's compute settings to the Ray it runs on: `auto` values resolved, impossible requests refused.
 
-Before any output is touched, the lifecycle looks at the Ray the job will run on (`ray_runtime.cluster_view`, the
-one module that talks to Ray): the embedded local Ray is this machine as Ray will detect it (found without
-starting Ray), a joined cluster is the alive nodes Ray reports and, where Ray exposes it, its autoscaler. This
-module decides, without Ray.
+Before any output is touched, the lifecycle looks at the Ray the job will run on (`pipelines.cluster_view`, which
+reads Ray; `ray_runtime.view_for_job` joins a cluster first) and hands the view in: the embedded local Ray is this
+machine as Ray will detect it (found without starting Ray), a joined cluster is the alive nodes Ray reports and,
+where Ray exposes it, its autoscaler. This module decides, without Ray and without importing the modules that
+touch it (`tests/test_repo_layout.py` checks).
 
 `auto` (`fit`; explicit values always win):
 - with GPUs (`num_gpus > 0`): one replica per `num_gpus` GPUs that Ray reports (`max_replicas`), 1 CPU each
@@ -23,16 +24,15 @@ accelerator type and CPUs must fit one node, and `min_replicas` replicas must fi
 otherwise the job is refused in seconds with one line naming the setting (`ResourceError`, exit 2) instead of
 waiting for `run.startup_timeout_s` on a request nothing can serve. With an autoscaler whose node types Ray
 exposes (`ClusterConfig`), the request is checked against those types; where it exposes none (the cluster
-launcher's), `ray_runtime.report_pending` says every progress interval what the job waits for.
+launcher's), `cluster_view.report_pending` says every progress interval what the job waits for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
 from common.errors import ResourceError
@@ -238,7 +238,7 @@ def describe_fit(before: ComputeConfig, after: ComputeConfig, view: ClusterView)
     return line
 
 
-# -- the lifecycle's entry points (reading the Ray a job runs on is `pipelines.ray_runtime`'s) ------------------
+# -- the lifecycle's entry points (the view of the Ray a job runs on is the caller's: `pipelines.cluster_view`) --
 
 
 def read_only_monitor(status: dict[str, Any]) -> bool:
@@ -248,13 +248,11 @@ def read_only_monitor(status: dict[str, Any]) -> bool:
     return bool(mapping) and all(kind == f"node_{node}" for node, kind in mapping.items())
 
 
-def fit_compute(cfg: Any, stream: TextIO, items: int | None = None) -> Any:
-    """`cfg` with its compute section fitted to the job's Ray and checked: prints what `auto` chose; raises
-    ResourceError for a request that Ray can never serve. With `items` (work items planned), on a cluster with an
-    autoscaler the pool's minimum is raised so that it asks for its replicas at once (`pool_minimum`)."""
-    from pipelines.ray_runtime import cluster_view
-
-    view = cluster_view(cfg.run, stream)
+def fit_compute(cfg: Any, view: ClusterView, stream: TextIO, items: int | None = None) -> Any:
+    """`cfg` with its compute section fitted to `view` (the job's Ray, `ray_runtime.view_for_job`) and checked:
+    prints what `auto` chose; raises ResourceError for a request that Ray can never serve. With `items` (work
+    items planned), on a cluster with an autoscaler the pool's minimum is raised so that it asks for its replicas
+    at once (`pool_minimum`)."""
     compute = fit(cfg.compute, view)
     check(compute, view)
     if cfg.compute.auto_fields:
@@ -267,19 +265,13 @@ def fit_compute(cfg: Any, stream: TextIO, items: int | None = None) -> Any:
     return cfg.model_copy(update={"compute": compute})
 
 
-def dry_run_compute(cfg: Any) -> ComputeConfig:
-    """The compute a dry run estimates with: `auto` fitted to the connected Ray or, with no cluster address, to
-    this machine; a dry run never joins a cluster and never refuses (it may plan a job for another machine)."""
-    from pipelines.ray_runtime import local_view, ray_view
-
+def dry_run_compute(cfg: Any, view: Callable[[], ClusterView]) -> ComputeConfig:
+    """The compute a dry run estimates with: `auto` fitted to `view()` (`cluster_view.dry_run_view`: the
+    connected Ray or this machine; a dry run never joins a cluster and never refuses, it may plan a job for
+    another machine), which is only looked at when something is `auto`."""
     if not cfg.compute.auto_fields:
         return cfg.compute
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return fit(cfg.compute, ray_view())
-    if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
-        return fit(cfg.compute, ClusterView([], "unknown"))
-    return fit(cfg.compute, local_view())
+    return fit(cfg.compute, view())
 
 
 # -- while a job waits on an autoscaler --------------------------------------------------------------------------
@@ -330,7 +322,7 @@ def pool_minimum(compute: ComputeConfig, autoscaler: str, items: int) -> int:
 
 @dataclasses.dataclass
 class PoolReport:
-    """The model pool while a job runs, sampled by the driver (`ray_runtime.watch_pool`): replicas running (alive),
+    """The model pool while a job runs, sampled by the driver (`cluster_view.watch_pool`): replicas running (alive),
     wanted (alive or waiting to be placed), the configured maximum, node launches the autoscaler has pending, and
     for how long the pool ran fewer than `max_replicas` replicas while at least that many items were queued."""
 

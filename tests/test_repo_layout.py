@@ -141,7 +141,8 @@ def test_the_output_room_never_reaches_up_into_a_jobs_package():
 
 
 RAY_MODULES = {"pipelines/graph.py": "wires every Ray Data graph", "pipelines/ray_runtime.py": "starts or joins Ray",
-               "pipelines/watchdog.py": "watches a running pipeline"}
+               "pipelines/watchdog.py": "watches a running pipeline", "pipelines/ray_quiet.py": "quiets Ray's output",
+               "pipelines/cluster_view.py": "reads what the Ray offers and waits for"}
 
 
 def test_one_place_builds_ray_graphs():
@@ -152,6 +153,73 @@ def test_one_place_builds_ray_graphs():
         if any(m == "ray" or m.startswith("ray.") for m in imported_modules(path.read_text(), module, is_package)):
             found.add(str(path.relative_to(REPO)))
     assert found == set(RAY_MODULES), found
+
+
+def pipelines_import_graph() -> dict[str, set[str]]:
+    """Every module under pipelines/ → the modules under pipelines/ it imports (parsed, as above)."""
+    imports = {}
+    for path in sorted((REPO / "pipelines").rglob("*.py")):
+        module, is_package = module_name(path)
+        imports[module] = imported_modules(path.read_text(encoding="utf-8"), module, is_package)
+    return {m: {i for i in found if i in imports and i != m} for m, found in imports.items()}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (its modules in import order, the first repeated at the end), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if (cycle := visit(imported)) is not None:
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((c for m in sorted(graph) if (c := visit(m)) is not None), None)
+
+
+def reaches(graph: dict[str, set[str]], module: str) -> set[str]:
+    """Every module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for imported in graph[todo.pop()] - seen:
+            seen.add(imported)
+            todo.append(imported)
+    return seen
+
+
+def test_no_import_cycle_among_the_pipelines_modules():
+    """Modules import downwards only (a lazy import inside a function counts too): a cycle means two modules
+    that cannot be read, tested or moved apart, e.g. the compute fitting and the Ray runtime calling each
+    other."""
+    cycle = import_cycle(pipelines_import_graph())
+    assert cycle is None, " -> ".join(cycle)
+    # and the search does find one
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_compute_fitting_and_progress_stay_below_what_they_are_handed():
+    """`pipelines.resources` decides from a view it is handed and reaches no module that touches Ray (nor the
+    runtime's neighbours); `pipelines.progress` counts what it is handed and reaches nothing in the output
+    room."""
+    graph = pipelines_import_graph()
+    ray_touching = {module_name(REPO / path)[0] for path in RAY_MODULES}
+    assert "pipelines.ray_runtime" in ray_touching and "pipelines.cluster_view" in ray_touching
+    resources = reaches(graph, "pipelines.resources")
+    assert not resources & (ray_touching | {"pipelines.driver_session"}), resources
+    progress = reaches(graph, "pipelines.progress")
+    assert not {m for m in progress if m == "pipelines.output" or m.startswith("pipelines.output.")}, progress
+    # the driver's stop handling needs no Ray: it reaches no module that touches Ray (and is not one itself,
+    # `test_one_place_builds_ray_graphs`)
+    assert not reaches(graph, "pipelines.driver_session") & ray_touching
 
 
 def test_the_import_parser_catches_every_spelling():

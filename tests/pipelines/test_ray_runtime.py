@@ -10,7 +10,9 @@ from support.sockets import descendant_pids, listening_sockets
 pytestmark = pytest.mark.integration
 
 QUIET_SCRIPT = """
-from pipelines.ray_runtime import driver_session, ensure_ray, quiet_ray_data
+from pipelines.driver_session import driver_session
+from pipelines.ray_quiet import quiet_ray_data
+from pipelines.ray_runtime import ensure_ray
 with driver_session(verbose={verbose}):
     ensure_ray()
     quiet_ray_data()

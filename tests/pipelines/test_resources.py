@@ -17,9 +17,8 @@ from support.jobs import job_process_env
 from common.errors import ResourceError
 from pipelines.config import ComputeConfig, ConfigError, load_config
 from pipelines.embed.config import EmbedJobConfig
-from pipelines.ray_runtime import local_view
-from pipelines.resources import (ClusterView, PoolReport, check, describe_fit, fit, pending_line, pool_minimum,
-                                 read_only_monitor)
+from pipelines.cluster_view import local_view
+from pipelines.resources import ClusterView, check, describe_fit, fit, pending_line, read_only_monitor
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -273,7 +272,7 @@ def test_the_embedded_ray_refuses_an_impossible_request_in_seconds(job_config, r
 
 
 def test_a_joined_fixed_cluster_refuses_too(session_ray, job_config):
-    from pipelines.ray_runtime import _autoscaling_status
+    from pipelines.cluster_view import _autoscaling_status
 
     deadline = time.monotonic() + 60
     while not read_only_monitor(_autoscaling_status()) and time.monotonic() < deadline:  # reported seconds in
