@@ -228,6 +228,49 @@ def test_engines_read_exactly_the_committed_rows_through_the_iceberg_table(outpu
     assert rejects.scan().to_arrow().num_rows == read_committed(out, rejects=True).num_rows == 1
 
 
+DAFT_READ = """
+import sys
+import daft
+import pyarrow.parquet as pq
+from pyiceberg.catalog.sql import SqlCatalog
+
+catalog = SqlCatalog("embedrank", uri=sys.argv[1])
+frame = daft.read_iceberg(catalog.load_table("embedrank.docs")).select("id", "embedding")
+pq.write_table(frame.to_arrow(), sys.argv[2])
+print(daft.__version__)
+"""
+
+
+def test_daft_reads_exactly_the_committed_rows_through_the_iceberg_table(outputs, tmp_path):
+    """Daft (`read_iceberg`, in an environment of its own: its pyarrow pin clashes with ours) reads exactly the
+    committed rows and vectors through the table. Today it cannot (xfail, below): the day Daft applies the name
+    mapping, this test compares the rows instead."""
+    import subprocess
+
+    from support.reader_envs import daft_python
+
+    python, why = daft_python()
+    if python is None:
+        pytest.skip(why)
+    out, _ = outputs["local"]
+    got_path = tmp_path / "daft.parquet"
+    proc = subprocess.run([str(python), "-c", DAFT_READ, f"sqlite:///{out}/_iceberg/catalog.db", str(got_path)],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and "carries no parquet field IDs, but a field ID mapping was supplied" in proc.stderr:
+        # found by this test: our files are registered in place (`add_files`), without Parquet field ids, and
+        # read by name through the table's `schema.name-mapping.default`, which pyiceberg, Polars, Ray Data and
+        # DuckDB apply and Daft 0.7.26 does not
+        pytest.xfail("Daft 0.7.26 refuses files registered with add_files (no Parquet field ids; it does not "
+                     "apply schema.name-mapping.default)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "0.7.26"
+    got = pq.read_table(got_path).sort_by("id")
+    whole = read_committed(out).sort_by("id")
+    assert got.column("id").to_pylist() == whole.column("id").to_pylist() and got.num_rows == 39
+    assert np.array_equal(np.asarray(got.column("embedding").to_pylist(), np.float32),
+                          np.asarray(whole.column("embedding").to_pylist(), np.float32))
+
+
 def _duckdb_extension(name: str):
     """The file of DuckDB's `name` extension from its PyPI wheel (`duckdb-extension-<name>`), for the installed
     DuckDB; None where the wheel is missing or built for another DuckDB."""
