@@ -15,20 +15,16 @@ JSON line: its phases (imports, model load, read, embed, write) and rows.
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
-import os
 import time
 
 STARTED = time.perf_counter()
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
+
+from benchmarks import peer_io  # noqa: E402
 
 
 def last_token_pool(last_hidden_states: Tensor,
@@ -43,16 +39,8 @@ def last_token_pool(last_hidden_states: Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory (or hub id)")
-    parser.add_argument("--input", required=True, help="glob of Parquet files")
-    parser.add_argument("--output", required=True, help="output folder (gets part-0.parquet)")
-    parser.add_argument("--id-column", default="doc_id")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--batch", type=int, default=32, help="texts per forward pass")
-    parser.add_argument("--max-length", type=int, default=8192, help="the card's max_length")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
-    args = parser.parse_args(argv)
+    args = peer_io.arguments(__doc__.splitlines()[0], argv,
+                             max_length={"type": int, "default": 8192, "help": "the card's max_length"})
     phases = {"imports_s": time.perf_counter() - STARTED}
 
     torch.set_num_threads(args.threads)
@@ -62,9 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     phases["model_load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table = pa.concat_tables(pq.read_table(f, columns=[args.id_column, args.text_column])
-                             for f in sorted(glob.glob(args.input)))
-    ids, texts = table.column(args.id_column).to_pylist(), table.column(args.text_column).to_pylist()
+    ids, texts = peer_io.read_texts(args)
     phases["read_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -90,14 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     phases["embed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    os.makedirs(args.output, exist_ok=True)
-    flat = pa.array(matrix.reshape(-1), pa.float32())
-    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])}),
-                   os.path.join(args.output, "part-0.parquet"))
+    peer_io.write_vectors(args, ids, matrix)
     phases["write_s"] = time.perf_counter() - t
-    phases["total_s"] = time.perf_counter() - STARTED
-    print(json.dumps({"rows": len(ids), "threads": args.threads,
-                      **{k: round(v, 3) for k, v in phases.items()}}), flush=True)
+    peer_io.report(phases, STARTED, len(ids), args.threads)
 
 
 if __name__ == "__main__":

@@ -115,9 +115,10 @@ def run_ours(config: str, out: str, sets: list[str]) -> dict:
     return {"wall": wall, "rows": summary["totals"]["rows"], "startup": summary["startup"], "lines": lines}
 
 
-def run_card(model: str, corpus: str, out: str, batch: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.card_recipe", "--model", model, "--input", corpus, "--output", out,
-           "--batch", str(batch)]
+def run_peer(module: str, model: str, corpus: str, out: str, batch: int) -> dict:
+    """A peer script (`python -m MODULE`, `benchmarks.peer_io`'s arguments) as a process of its own, timed from
+    launch to exit, with the phases it reports."""
+    cmd = [sys.executable, "-m", module, "--model", model, "--input", corpus, "--output", out, "--batch", str(batch)]
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -126,6 +127,10 @@ def run_card(model: str, corpus: str, out: str, batch: int) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     phases = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"wall": wall, "rows": phases["rows"], "phases": phases}
+
+
+def run_card(model: str, corpus: str, out: str, batch: int) -> dict:
+    return run_peer("benchmarks.card_recipe", model, corpus, out, batch)
 
 
 def _vectors(table: pa.Table) -> dict[str, np.ndarray]:

@@ -24,11 +24,9 @@ vocabulary and tokenizer, fp32, carrying the sentence-transformers files of the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,19 +39,6 @@ from benchmarks import e8  # noqa: E402
 
 GOALS = {1000: 1.0, 10000: 1.5}
 READY_GOAL_S = 8.0
-
-
-def run_st(model: str, corpus: str, out: str, batch: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.st_encode", "--model", model, "--input", corpus, "--output", out,
-           "--batch", str(batch)]
-    shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    wall = time.perf_counter() - started
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    phases = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall": wall, "rows": phases["rows"], "phases": phases}
 
 
 def run_ours_timed(config: str, out: str) -> dict:
@@ -88,7 +73,7 @@ def whole_job(work: str, args, docs: int, rounds: int) -> dict:
     for r in range(rounds):
         for name in (["ours", "st"] if r % 2 == 0 else ["st", "ours"]):
             out = os.path.join(work, "out", f"{name}-{docs}-{r}")
-            run = (run_st(model, corpus, out, args.batch) if name == "st" else run_ours_timed(config, out))
+            run = (e8.run_peer("benchmarks.st_encode", model, corpus, out, args.batch) if name == "st" else run_ours_timed(config, out))
             if run["rows"] != figures["docs"]:
                 raise RuntimeError(f"{name} wrote {run['rows']} rows, expected {figures['docs']}")
             runs[name].append(run)

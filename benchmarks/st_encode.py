@@ -12,30 +12,18 @@ Prints one JSON line: its phases (imports, model load, read, embed, write) and r
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
-import os
 import time
 
 STARTED = time.perf_counter()
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
+from benchmarks import peer_io  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory with sentence-transformers files")
-    parser.add_argument("--input", required=True, help="glob of Parquet files")
-    parser.add_argument("--output", required=True, help="output folder (gets part-0.parquet)")
-    parser.add_argument("--id-column", default="doc_id")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--batch", type=int, default=32, help="encode's batch_size")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
-    args = parser.parse_args(argv)
+    args = peer_io.arguments(__doc__.splitlines()[0], argv)
     phases = {"imports_s": time.perf_counter() - STARTED}
 
     torch.set_num_threads(args.threads)
@@ -44,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     phases["model_load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table = pa.concat_tables(pq.read_table(f, columns=[args.id_column, args.text_column])
-                             for f in sorted(glob.glob(args.input)))
-    ids, texts = table.column(args.id_column).to_pylist(), table.column(args.text_column).to_pylist()
+    ids, texts = peer_io.read_texts(args)
     phases["read_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -54,14 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     phases["embed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    os.makedirs(args.output, exist_ok=True)
-    flat = pa.array(matrix.astype("float32").reshape(-1), pa.float32())
-    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])}),
-                   os.path.join(args.output, "part-0.parquet"))
+    peer_io.write_vectors(args, ids, matrix)
     phases["write_s"] = time.perf_counter() - t
-    phases["total_s"] = time.perf_counter() - STARTED
-    print(json.dumps({"rows": len(ids), "threads": args.threads,
-                      **{k: round(v, 3) for k, v in phases.items()}}), flush=True)
+    peer_io.report(phases, STARTED, len(ids), args.threads)
 
 
 if __name__ == "__main__":
