@@ -22,7 +22,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.autoscaling_cluster import GPU_NODE_TYPE, AutoscalingCluster, session_pids
+from support.autoscaling_cluster import GPU_NODE_TYPE, AutoscalingCluster
+from support.sockets import session_pids
 from support.jobs import JOB_CONFIG_VAR
 from support.loopback_cluster import environ
 

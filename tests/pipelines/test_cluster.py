@@ -15,8 +15,6 @@ import pathlib
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import urllib.request
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.sockets import free_ports, session_pids, stop_session
 
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.job import run_embed
@@ -139,31 +138,6 @@ def test_the_model_pool_grows_to_max_replicas_under_load_and_never_past_it(ray_l
 # --- `ray job submit` against a real head node -----------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid`: the head and every process it started (actors get their own group)."""
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
 class LocalHead:
     """`ray start --head --block` in a session of its own; stopping it signals that session only."""
 
@@ -206,18 +180,7 @@ class LocalHead:
         return self.log.read()[-3000:]
 
     def stop(self) -> None:
-        sid = self.proc.pid
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            for pid in session_pids(sid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while session_pids(sid) and time.monotonic() < deadline:
-                self.proc.poll()
-                time.sleep(0.2)
-        self.proc.wait(10)
+        stop_session(self.proc)
         self.log.close()
 
 

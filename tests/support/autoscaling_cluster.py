@@ -23,44 +23,19 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from support.sockets import free_ports, stop_session
+
 GPU_NODE_TYPE = "gpu_worker"
 HEAD_NODE_TYPE = "ray.head.default"
 HEALTH_CHECK = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
                 "health_check_initial_delay_ms": 0}
 NODE_OBJECT_STORE = 200 * 2**20
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid`: the head and every process it started (actors get their own group)."""
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
 
 
 def autoscaling_config(gcs_port: int, head_cpus: float, gpu_nodes_max: int,
@@ -163,17 +138,6 @@ class AutoscalingCluster:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to every process of the head's session (every node of this cluster); the temp dir
         removed."""
-        sid = self.proc.pid
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            for pid in session_pids(sid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while session_pids(sid) and time.monotonic() < deadline:
-                self.proc.poll()
-                time.sleep(0.2)
-        self.proc.wait(10)
+        stop_session(self.proc)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from typing import NamedTuple
 
 
@@ -30,6 +33,46 @@ def process_group_pids(pgid: int) -> list[int]:
         if fields is not None and int(fields[2]) == pgid:
             out.append(int(entry))
     return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid`: a head started with `start_new_session` and every process it started
+    (actors get their own process group, not their own session)."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat_fields(entry)
+        if fields is not None and int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to every process of `proc`'s session (it leads one: `start_new_session`), waiting for
+    them to go: the Ray a test started is stopped, and no other (never `ray stop`)."""
+    sid = proc.pid
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while session_pids(sid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.2)
+    proc.wait(10)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (free when asked: a Ray head's fixed ports)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def descendant_pids(root: int) -> list[int]:
