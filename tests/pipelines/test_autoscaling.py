@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.autoscaling_cluster import GPU_NODE_TYPE, AutoscalingCluster
 from support.sockets import session_pids
-from support.jobs import JOB_CONFIG_VAR
+from support.jobs import JOB_CONFIG_VAR, job_summary, wait_or_kill
 from support.loopback_cluster import environ
 
 from pipelines.output.reader import read_committed
@@ -113,15 +113,9 @@ class Job:
         return self.stderr.read()
 
     def finish(self) -> tuple[int, dict | None, str]:
-        try:
-            code = self.proc.wait(timeout=JOB_TIMEOUT_S)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(30)
+        code = wait_or_kill(self.proc, JOB_TIMEOUT_S)
         self.stdout.seek(0)
-        lines = [ln for ln in self.stdout.read().splitlines() if ln.startswith('{"')]
-        return code, (json.loads(lines[-1]) if code == 0 and lines else None), self.log()
+        return code, job_summary(code, self.stdout.read()), self.log()
 
 
 def busy_at_once(commits: list[float], delay_s: float) -> float:

@@ -31,7 +31,6 @@ replacement node's start.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import job_process_env
+from support.jobs import job_process_env, job_summary, wait_or_kill
 from support.loopback_cluster import LOOPBACK, LoopbackCluster, environ, off_loopback, v4
 from support.sockets import ESTABLISHED, LISTEN, alive, descendant_pids, inet_sockets, start_time
 
@@ -108,15 +107,9 @@ class Job:
 
     def finish(self) -> tuple[int, dict | None, str]:
         """Exit code, the `--json` summary (None unless it succeeded), stderr."""
-        try:
-            code = self.proc.wait(timeout=JOB_TIMEOUT_S)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(30)
+        code = wait_or_kill(self.proc, JOB_TIMEOUT_S)
         self.out.seek(0)
-        lines = [ln for ln in self.out.read().splitlines() if ln.startswith('{"')]
-        summary = json.loads(lines[-1]) if code == 0 and lines else None
+        summary = job_summary(code, self.out.read())
         err = self.stderr()
         self.out.close()
         self.err.close()

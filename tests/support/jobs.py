@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from typing import Any
 
 JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -25,3 +27,21 @@ def job_process_env(driver_env: dict[str, str] | None = None,
         env.update(worker_env)
         env[JOB_CONFIG_VAR] = json.dumps({"runtime_env": {"env_vars": dict(worker_env)}})
     return env
+
+
+def job_summary(code: int, stdout: str) -> dict[str, Any] | None:
+    """A job process's `--json` summary: its last JSON line (Ray may print lines of its own around it), None
+    unless it exited 0."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith('{"')]
+    return json.loads(lines[-1]) if code == 0 and lines else None
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> int:
+    """The job process's exit code; killed (and reaped) if it is still running after `timeout_s`, so that a hung
+    job fails its test instead of outliving it."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -6,7 +6,6 @@ runtime_env (`support.jobs`). A crash is a failpoint (`common/failpoints.py`) or
 from outside.
 """
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import job_process_env
+from support.jobs import job_process_env, job_summary
 
 from pipelines.output.reader import read_committed
 from pipelines.output.status import format_status, job_status
@@ -63,8 +62,7 @@ def start(cfg, ray_address, marker_dir=None, failpoints=None, in_workers=False):
 def finish(proc):
     """Exit code, the `--json` summary line (Ray may print its own lines around it), stderr."""
     out, err = proc.communicate(timeout=300)
-    lines = [ln for ln in out.splitlines() if ln.startswith('{"')]
-    return proc.returncode, (json.loads(lines[-1]) if proc.returncode == 0 else None), err
+    return proc.returncode, job_summary(proc.returncode, out), err
 
 
 def assert_exactly_once(out, input_ids):

@@ -26,6 +26,7 @@ from pipelines.output.records import FileRef, ItemCommit
 from pipelines.output.root import COMMITS_DIR, OutputRoot
 from pipelines.reindex.index import IndexRoot
 from pipelines.storage import PreconditionFailed, Storage
+from support.jobs import job_summary
 from support.late_writer import namespaced
 
 
@@ -298,8 +299,7 @@ def _finish(proc, timeout=300):
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError(f"the job did not finish: {proc.communicate()[1][-6000:]}") from None
-    lines = [ln for ln in out.splitlines() if ln.startswith('{"')]
-    return proc.returncode, (json.loads(lines[-1]) if proc.returncode == 0 else None), err
+    return proc.returncode, job_summary(proc.returncode, out), err
 
 
 def _records(storage: Storage) -> list[str]:

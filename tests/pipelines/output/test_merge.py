@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import job_process_env
+from support.jobs import job_process_env, job_summary
 
 from common.errors import OutputError
 from pipelines.input.plan import WorkItem
@@ -216,8 +216,7 @@ def run_job(tmp_path, name, corpus, model, ray_address, block_mb, failpoints=Non
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "embed", str(cfg), "--json",
                            "--set", f"run.ray_address={ray_address}"], capture_output=True, text=True, env=env,
                           timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"')]
-    return proc.returncode, (json.loads(lines[-1]) if proc.returncode == 0 else None), proc.stderr, out
+    return proc.returncode, job_summary(proc.returncode, proc.stdout), proc.stderr, out
 
 
 def data_files_per_item(out):
