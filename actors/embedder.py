@@ -19,7 +19,7 @@ import torch
 from actors.attention import cu_seqlens, kernel_name, packed_kernel_works, packed_positions, register
 from actors.batching import MIN_BUCKET_TOKENS, BatchStats, packed_row_tokens, pass_overhead_tokens, right_pad
 from actors.budget import AdaptiveBudget, BudgetedModel
-from actors.loading import config_pad_id, load_model, placement, resolve_model_path
+from actors.loading import config_pad_id, load_model, placement
 from actors.pooling import last_token_pool, normalize
 from actors.quantize import CALIBRATED, vector_columns
 from actors.settings import EmbedSettings
@@ -27,6 +27,7 @@ from actors.tokenize import arrow_to_ids
 from common import failpoints  # dependency-free; inert unless a test names it
 from common.columns import EMBEDDING, INPUT_IDS, PADDED, REPLICA_STARTUP
 from common.errors import ModelLoadError
+from common.model_cache import resolve_model_path
 
 startup.imports_done()
 

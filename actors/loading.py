@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 import torch
@@ -12,7 +11,6 @@ from transformers.utils import logging as transformers_logging
 
 from actors.settings import dtype_name
 from common.errors import ModelLoadError
-from common.model_cache import is_model_url, local_model_dir
 from common.model_families import check_architecture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,23 +31,6 @@ def placement(num_gpus: float, dtype: str, num_threads: int | None) -> tuple[tor
     if device.type == "cpu" and num_threads:
         torch.set_num_threads(num_threads)
     return device, resolve_dtype(dtype, device)
-
-
-_RESOLVED: dict[tuple, str] = {}
-
-
-def resolve_model_path(path: str, storage_options: dict[str, Any] | None = None, *, weights: bool = True,
-                       expected_digest: str | None = None) -> str:
-    """The directory to load: `path` itself (hub id, local dir), or for a URL its verified local copy.
-
-    A URL is fetched once per node (`common.model_cache`) and resolved once per process; `weights=False`
-    fetches config and tokenizer files only (the tokenize stage)."""
-    if not is_model_url(path):
-        return path
-    key = (path, json.dumps(storage_options or {}, sort_keys=True, default=repr), weights, expected_digest)
-    if key not in _RESOLVED:
-        _RESOLVED[key] = local_model_dir(path, storage_options, weights=weights, expected_digest=expected_digest)
-    return _RESOLVED[key]
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,12 +24,13 @@ from transformers import DynamicCache
 
 from actors.batching import BatchStats, padded_tokens, pass_overhead_tokens, right_pad
 from actors.budget import AdaptiveBudget, BudgetedModel
-from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement, resolve_model_path
+from actors.loading import load_causal_lm, load_tokenizer, pad_id, placement
 from actors.rerank_prompts import ASSISTANT_SUFFIX, DEFAULT_INSTRUCTION, SYSTEM_PREFIX, format_pair
 from actors.settings import RerankSettings
 from common import failpoints  # dependency-free; inert unless a test names it
 from common.columns import N_TOKENS, QUERY, QUERY_ID, REJECT, REPLICA_STARTUP, SCORE, TEXT, TRUNCATED
 from common.errors import ModelLoadError
+from common.model_cache import resolve_model_path
 
 startup.imports_done()
 

@@ -5,8 +5,9 @@ Truncation is the tokenizer's own: Qwen3-Embedding's post-processor appends
 pooling reads survives truncation exactly as in the model card's recipe.
 
 The tasks never import torch or transformers (about 400 MiB per worker process):
-the driver loads the tokenizer once with transformers (`tokenizer_spec`) and the
-tasks rebuild that exact Rust tokenizer from its JSON with `tokenizers` alone.
+the driver gets the tokenizer as transformers configures it (`tokenizer_spec`, cached
+by content) and the tasks rebuild that exact Rust tokenizer from its JSON with
+`tokenizers` alone.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from actors.prompts import format_texts
+from actors.tokenizer_cache import cached_spec
 from common.columns import INPUT_IDS, N_TOKENS, REJECT, TEXT, TRUNCATED
 
 
 def tokenizer_spec(path: str, revision: str | None = None) -> str:
-    """The model's fast tokenizer as transformers configures it, serialised (JSON) for `TextTokenizer.from_spec`."""
-    from actors.loading import load_tokenizer  # transformers: on the driver only
+    """The model's fast tokenizer as transformers configures it, serialised (JSON) for `TextTokenizer.from_spec`.
+
+    Built once per model directory and transformers version (`actors.tokenizer_cache`): a driver with a cached
+    spec imports neither transformers nor torch."""
+    return cached_spec(path, revision, lambda: _transformers_spec(path, revision))
+
+
+def _transformers_spec(path: str, revision: str | None) -> str:
+    from actors.loading import load_tokenizer  # transformers (and torch): on a cache miss only
 
     return load_tokenizer(path, revision).backend_tokenizer.to_str()
 

@@ -333,3 +333,20 @@ def local_model_dir(url: str, storage_options: dict[str, Any] | None, cache_root
     """
     return ensure_local_model(url, storage_options, cache_root, weights=weights,
                               expected_digest=expected_digest).path
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def resolve_model_path(path: str, storage_options: dict[str, Any] | None = None, *, weights: bool = True,
+                       expected_digest: str | None = None) -> str:
+    """The directory to load: `path` itself (hub id, local dir), or for a URL its verified local copy.
+
+    A URL is fetched once per node (`local_model_dir`) and resolved once per process; `weights=False`
+    fetches config and tokenizer files only (the tokenize stage)."""
+    if not is_model_url(path):
+        return path
+    key = (path, json.dumps(storage_options or {}, sort_keys=True, default=repr), weights, expected_digest)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = local_model_dir(path, storage_options, weights=weights, expected_digest=expected_digest)
+    return _RESOLVED[key]

@@ -104,6 +104,13 @@ def tiny_embedding_model(tmp_path_factory):
     return build_random_qwen3(tmp_path_factory.mktemp("models") / "qwen3-embedding-tiny", kind="embedding")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_cache(tmp_path_factory):
+    """Model copies and tokenizer specs (`common.model_cache`, `actors.tokenizer_cache`) go to a session temp
+    dir, never to ~/.cache; job processes and Ray workers inherit it."""
+    os.environ["EMBEDRANK_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the session: 2 CPUs, no dashboard, loopback only; token auth off in tests only.
@@ -113,7 +120,6 @@ def ray_local(tmp_path_factory):
     in-process job of the session is one Ray job, so its read/tokenize/write/join tasks reuse workers that
     have already imported ray.data, pandas, pyarrow and s3fs, seconds of CPU per worker start on 2 cores."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["EMBEDRANK_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from actors.embedder import EmbedReplica
-from actors.loading import resolve_model_path
+from actors.replicas import EmbedReplica
+from common.model_cache import resolve_model_path
 from actors.tokenize import spec_digest, tokenizer_spec
 from common.columns import (
     EMBEDDING,
@@ -39,8 +39,9 @@ def output_base(cfg: EmbedJobConfig) -> list[str]:
 
 
 def tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The tokenize stage's arguments: the tokenizer, loaded here once with transformers and serialised, so
-    that CPU tasks rebuild it without torch. A URL model's tokenizer files come through the node's cache."""
+    """The tokenize stage's arguments: the tokenizer as transformers configures it, serialised (and cached by
+    content: `actors.tokenizer_cache`), so that CPU tasks rebuild it without torch. A URL model's tokenizer files
+    come through the node's cache."""
     m = cfg.model
     path = resolve_model_path(m.path, cfg.model_storage_options, weights=False,
                               expected_digest=fingerprint.get("model_digest"))

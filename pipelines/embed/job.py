@@ -58,7 +58,7 @@ class EmbedJob(JobSpec):
             fingerprint = embed_fingerprint(cfg)
 
         def build_graph(items):
-            args = tokenizer.get()  # the prefetch imported the graph module too
+            args = tokenizer.get()  # the prefetch imported the graph module too (no torch: `actors.replicas`)
             from pipelines.embed.graph import build_embed_graph
 
             return build_embed_graph(cfg, items, root.storage, fingerprint, tokenizer=args)
@@ -80,8 +80,8 @@ def calibrate(cfg: EmbedJobConfig, plan: Plan, fingerprint: dict[str, Any], toke
 
 
 def _tokenizer_args(cfg: EmbedJobConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The graph module (it imports the replica's, torch and transformers with it) and the tokenize stage's
-    arguments (the tokenizer loaded with transformers): about 2-4 s that the run prefetches while Ray starts."""
+    """The graph module and the tokenize stage's arguments (the tokenizer spec: cached, or built with
+    transformers on a model's first job, 2-4 s), prefetched while Ray starts."""
     from pipelines.embed.graph import tokenizer_args
 
     return tokenizer_args(cfg, fingerprint)

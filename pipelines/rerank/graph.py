@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.reranker import RerankReplica
+from actors.replicas import RerankReplica
 from common.columns import (
     BUCKET,
     DOC_ID,

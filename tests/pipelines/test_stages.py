@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
-from actors.embedder import EmbedReplica
-from actors.reranker import RerankReplica
+from actors.replicas import EmbedReplica
+from actors.replicas import RerankReplica
 from common.columns import DOC_FOUND, DOC_ID, DOC_REJECT, INPUT_IDS, ITEM_JSON, QUERY_ID, REJECT, ROW, TEXT
 from common.errors import EmbedrankError
 from pipelines import graph
