@@ -4,7 +4,9 @@ The Parquet output and its commit records stay the source of truth. This module 
 pyiceberg catalog; by default an embedded SQL catalog on SQLite in `<output>/_iceberg/`) to name exactly the
 files the commits name, each once, registered in place (nothing is copied): the committed data files of an
 output, the final ranks of a rerank, the current version's files of an index (one overwrite snapshot per
-published version, tagged with its name), and the reject files in `<name>_rejects`.
+published version, tagged with its name), and the reject files in `<name>_rejects`. The table numbers its columns
+with the Parquet field ids every committed file carries (`field_ids`), so readers that find a file's columns by
+id only (Daft) read them; files written before they carried ids are read by name (`schema.name-mapping.default`).
 
 Exactly once, converging: a publication reads the table's current files and commits only the difference with
 the committed set (new files appended, files the commits no longer name removed); when they are equal it does
