@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from common import failpoints
 from common.columns import CARRIED, CARRY_PREFIX, ITEM, ITEM_ROWS, N_TOKENS, REJECT, REPLICA_STARTUP, ROW
 from pipelines.output.control import epoch_tag
+from pipelines.output.field_ids import with_field_ids
 from pipelines.output.records import FileRef, Piece
 from pipelines.stages import EVERY_COLUMN, stage
 from pipelines.storage import Storage
@@ -63,11 +64,13 @@ def rows_within(table: pa.Table, max_bytes: float) -> int:
 
 def _parquet_bytes(table: pa.Table, fingerprint_json: str | None) -> bytes:
     """The file's bytes: zstd, row groups of ~`ROW_GROUP_BYTES`, the job fingerprint in the key-value metadata
-    (`None`: keep the table's own, as a merge of pieces that carry it does)."""
+    (`None`: keep the table's own, as a merge of pieces that carry it does), and Iceberg's field ids on every
+    column (`field_ids`: readers of the output's Iceberg table find the columns by id, not by name)."""
     if fingerprint_json is not None:
         meta = dict(table.schema.metadata or {})
         meta[FINGERPRINT_KEY] = fingerprint_json.encode()
         table = table.replace_schema_metadata(meta)
+    table = pa.Table.from_arrays(table.columns, schema=with_field_ids(table.schema))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd",
                    row_group_size=min(MAX_ROW_GROUP_ROWS, rows_within(table, ROW_GROUP_BYTES)),

@@ -4,7 +4,9 @@ The Parquet output and its commit records stay the source of truth. This module 
 pyiceberg catalog; by default an embedded SQL catalog on SQLite in `<output>/_iceberg/`) to name exactly the
 files the commits name, each once, registered in place (nothing is copied): the committed data files of an
 output, the final ranks of a rerank, the current version's files of an index (one overwrite snapshot per
-published version, tagged with its name), and the reject files in `<name>_rejects`.
+published version, tagged with its name), and the reject files in `<name>_rejects`. The table numbers its columns
+with the Parquet field ids every committed file carries (`field_ids`), so readers that find a file's columns by
+id only (Daft) read them; files written before they carried ids are read by name (`schema.name-mapping.default`).
 
 Exactly once, converging: a publication reads the table's current files and commits only the difference with
 the committed set (new files appended, files the commits no longer name removed); when they are equal it does
@@ -36,6 +38,7 @@ import pyarrow as pa
 from common import failpoints
 from common.errors import LockLost, OutputError
 from pipelines.config import TableConfig
+from pipelines.output.field_ids import field_ids, with_field_ids
 from pipelines.output.index_pointer import current_version, version_storage
 from pipelines.output.lock import fence, held_epoch
 from pipelines.storage import Storage
@@ -126,17 +129,38 @@ def describe_vectors(fingerprint: dict[str, Any], fp_id: str, schema: pa.Schema)
 
 
 def iceberg_schema(schema: pa.Schema, docs: dict[str, str]):
-    """The table's explicit schema: the files' columns (fixed-size vectors as lists), with column docs."""
-    from pyiceberg.catalog import Catalog
-    from pyiceberg.schema import Schema, assign_fresh_schema_ids
+    """The table's explicit schema: the files' columns (fixed-size vectors as lists), with column docs, and the
+    field ids our files carry (`field_ids.with_field_ids`: Iceberg's fresh ids, so `create_table`'s own fresh
+    assignment keeps them)."""
+    from pyiceberg.io.pyarrow import pyarrow_to_schema
+    from pyiceberg.schema import Schema
 
     half = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type)]
     if half:
         raise OutputError(f"Iceberg has no 16-bit float type, so vector column(s) {', '.join(map(repr, half))} "
                           "(float16) cannot be published: use dtype float32 for them (output.vectors[].dtype, or "
                           "output.vector_dtype), or int8/uint8/binary/ubinary, or drop output.table")
-    fresh = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema.remove_metadata()))
-    return Schema(*[f.model_copy(update={"doc": docs.get(f.name, f.doc)}) for f in fresh.fields])
+    numbered = pyarrow_to_schema(with_field_ids(schema.remove_metadata()))
+    return Schema(*[f.model_copy(update={"doc": docs.get(f.name, f.doc)}) for f in numbered.fields])
+
+
+def table_field_ids(table_schema) -> dict[str, int]:
+    """Dotted column path → field id of an Iceberg schema (the names `field_ids.field_ids` gives a file's)."""
+    from pyiceberg.schema import index_name_by_id
+
+    return {name: fid for fid, name in index_name_by_id(table_schema).items()}
+
+
+def adopt_schema(tx, columns) -> None:
+    """Give a claim's placeholder table (no columns) `columns`, their field ids kept (pyiceberg's
+    `union_by_name` would number them afresh, in another order than the files' ids)."""
+    from pyiceberg.schema import Schema
+    from pyiceberg.table.update import AddSchemaUpdate, AssertCurrentSchemaId, SetCurrentSchemaUpdate
+
+    meta = tx.table_metadata
+    numbered = Schema(*columns.fields, schema_id=1 + max(s.schema_id for s in meta.schemas))
+    tx._apply((AddSchemaUpdate(schema=numbered), SetCurrentSchemaUpdate(schema_id=-1)),
+              (AssertCurrentSchemaId(current_schema_id=meta.current_schema_id),))
 
 
 def schema_difference(have, want) -> str | None:
@@ -244,6 +268,21 @@ class TablePublisher:
             raise LockLost(f"Iceberg table {self.full_name} was published by a newer lease (epoch {newer}, this "
                            f"publisher's is {self.epoch}); this publisher stops")
 
+    def _check_field_ids(self, table, schema: pa.Schema, add: list[str]) -> None:
+        """Refuse to add files whose Parquet field ids are not the table's: a reader would take one column for
+        another. Files of these columns carry `with_field_ids`'s ids (or none, if written before they did); a
+        table that numbers its columns so (any made since) takes both. One made by an older embedrank (columns
+        numbered in another order) takes only files without ids, read by name through its name mapping."""
+        have = table_field_ids(table.schema())
+        if field_ids(with_field_ids(schema)) == have:
+            return
+        for url in add:
+            carried = field_ids(self._file_schema(url))
+            if carried and carried != have:
+                raise OutputError(f"Iceberg table {self.full_name} numbers its columns otherwise than the Parquet "
+                                  f"field ids of {url} (the table was made by an older embedrank); drop the table "
+                                  "and run `embedrank publish` on the output to rebuild it")
+
     def _summary(self, version: str | None) -> dict[str, str]:
         out = {EPOCH: str(self.epoch), FINGERPRINT: self.fingerprint_id}
         if version is not None:
@@ -308,14 +347,15 @@ class TablePublisher:
             current = self.current_files(table)
             keep = set(wanted)
             add = [f for f in wanted if f not in current]
+            if schema is not None and table.schema().fields:
+                self._check_field_ids(table, schema, add)
             remove = [df for path, df in current.items() if path not in keep]
             tagged = tag is None or tag in table.metadata.refs
             if not add and not remove and tagged and table.current_snapshot() is not None:
                 return Published(self.full_name, table.current_snapshot().snapshot_id, len(wanted), 0, 0, False)
             tx = table.transaction()
             if schema is not None and not table.schema().fields:  # a claim's placeholder: the output's columns
-                with tx.update_schema(allow_incompatible_changes=True) as columns:
-                    columns.union_by_name(iceberg_schema(schema, self.docs))
+                adopt_schema(tx, iceberg_schema(schema, self.docs))
                 tx.set_properties(**{**self.properties, "schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
             elif schema is not None:

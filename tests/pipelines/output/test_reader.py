@@ -243,8 +243,9 @@ print(daft.__version__)
 
 def test_daft_reads_exactly_the_committed_rows_through_the_iceberg_table(outputs, tmp_path):
     """Daft (`read_iceberg`, in an environment of its own: its pyarrow pin clashes with ours) reads exactly the
-    committed rows and vectors through the table. Today it cannot (xfail, below): the day Daft applies the name
-    mapping, this test compares the rows instead."""
+    committed rows and vectors through the table. Daft 0.7.26 reads data files by their Parquet field ids only
+    (it refuses files without them, not applying `schema.name-mapping.default`): the committed files carry the
+    table's ids (`pipelines.output.field_ids`)."""
     import subprocess
 
     from support.reader_envs import daft_python
@@ -256,12 +257,6 @@ def test_daft_reads_exactly_the_committed_rows_through_the_iceberg_table(outputs
     got_path = tmp_path / "daft.parquet"
     proc = subprocess.run([str(python), "-c", DAFT_READ, f"sqlite:///{out}/_iceberg/catalog.db", str(got_path)],
                           capture_output=True, text=True, timeout=300)
-    if proc.returncode and "carries no parquet field IDs, but a field ID mapping was supplied" in proc.stderr:
-        # found by this test: our files are registered in place (`add_files`), without Parquet field ids, and
-        # read by name through the table's `schema.name-mapping.default`, which pyiceberg, Polars, Ray Data and
-        # DuckDB apply and Daft 0.7.26 does not
-        pytest.xfail("Daft 0.7.26 refuses files registered with add_files (no Parquet field ids; it does not "
-                     "apply schema.name-mapping.default)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "0.7.26"
     got = pq.read_table(got_path).sort_by("id")

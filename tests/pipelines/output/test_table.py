@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from common.errors import OutputError
@@ -24,7 +25,15 @@ from pipelines.config import TableConfig
 from pipelines.output.lock import OutputLock
 from pipelines.output.reader import committed_files, committed_listing, read_committed
 from pipelines.output.root import OutputRoot
-from pipelines.output.table import EPOCH, VERSION, expire_index_versions, open_catalog, publish_output
+from pipelines.output.table import (
+    EPOCH,
+    VERSION,
+    TablePublisher,
+    claim_tables,
+    expire_index_versions,
+    open_catalog,
+    publish_output,
+)
 from pipelines.reindex.index import IndexRoot
 from pipelines.storage import Storage
 from support.late_writer import attempt, item, run_output
@@ -190,6 +199,98 @@ def test_several_vector_columns_are_published_as_lists_of_their_element_types(tm
     assert json.loads(table.properties["embedrank.vector.i8"]) == {"dimensions": 8, "dtype": "int8"}
     assert table.properties["embedrank.cast.bits.duckdb"] == "CAST(bits AS UTINYINT[2])"
     assert table.properties["embedrank.cast.f32.duckdb"] == f"CAST(f32 AS FLOAT[{POOLED}])"
+
+
+def file_field_ids(schema: pa.Schema) -> dict[str, int]:
+    """The `PARQUET:field_id` of each column of a file's (flat, or list-of-primitive) schema, by Iceberg name."""
+    out = {}
+    for field in schema:
+        out[field.name] = int(field.metadata[b"PARQUET:field_id"])
+        if pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type):
+            out[f"{field.name}.element"] = int(field.type.value_field.metadata[b"PARQUET:field_id"])
+    return out
+
+
+def file_field_ids_of_any(schema: pa.Schema) -> bool:
+    """Whether any field of the schema, or any list element's, carries a field id."""
+    fields = list(schema) + [f.type.value_field for f in schema if pa.types.is_fixed_size_list(f.type)]
+    return any(f.metadata and b"PARQUET:field_id" in f.metadata for f in fields)
+
+
+def iceberg_ids(table) -> dict[str, int]:
+    from pyiceberg.schema import index_name_by_id
+
+    return {name: field_id for field_id, name in index_name_by_id(table.schema()).items()}
+
+
+def test_a_claimed_table_takes_the_field_ids_the_files_carry_and_reads_every_column_by_them(tmp_path):
+    """A lock holder claims the table first (no columns); the first publication gives it the files' columns with
+    the Parquet field ids every committed file carries (vector lists before other columns: pyiceberg's
+    `union_by_name` would number each list's element next to it, not after the top-level columns). pyiceberg
+    then reads each file by those ids: every value as committed."""
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    build_vector_output(store, recorded={"output": {"table": cfg.model_dump()}})
+    with OutputLock(store, 30):
+        claim_tables(store, cfg)
+        assert not load(store, cfg).schema().fields
+        publish_output(store.url, None)
+    table = load(store, cfg)
+    have = iceberg_ids(table)
+    assert have == {"id": 1, "f32": 2, "i8": 3, "bits": 4, "n_tokens": 5, "truncated": 6,
+                    "f32.element": 7, "i8.element": 8, "bits.element": 9}
+    files = committed_files(store.url)
+    assert len(files) == 3 and all(file_field_ids(pq.read_schema(f)) == have for f in files)
+    mapping = {f["names"][0]: f["field-id"] for f in json.loads(table.properties["schema.name-mapping.default"])}
+    assert mapping == {name: have[name] for name in ("id", "f32", "i8", "bits", "n_tokens", "truncated")}
+    got, want = table.scan().to_arrow().sort_by("id"), read_committed(store.url).sort_by("id")
+    for column in ("id", "f32", "i8", "bits", "n_tokens", "truncated"):
+        assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+
+
+def without_field_ids(schema: pa.Schema) -> pa.Schema:
+    """The columns as files of before field ids held them: no field metadata, the list elements' included."""
+    def bare(field: pa.Field) -> pa.Field:
+        t = field.type
+        if pa.types.is_fixed_size_list(t):
+            t = pa.list_(t.value_type, t.list_size)
+        return pa.field(field.name, t, field.nullable)
+
+    return pa.schema([bare(f) for f in schema])
+
+
+def test_a_table_numbered_otherwise_takes_files_without_ids_and_refuses_files_with_them(tmp_path):
+    """A table made by an older embedrank (its columns numbered by `union_by_name`) still takes files written
+    without field ids (read by name through its name mapping), and refuses in one line files whose ids would
+    make a reader take one column for another."""
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs")
+    build_vector_output(store, recorded={"output": {"table": cfg.model_dump()}})
+    columns = pq.read_schema(committed_files(store.url)[0])
+    catalog = open_catalog(cfg, store)
+    catalog.create_namespace_if_not_exists("embedrank")
+    from pyiceberg.schema import Schema
+
+    older = catalog.create_table(("embedrank", "docs"), schema=Schema())
+    with older.update_schema(allow_incompatible_changes=True) as update:
+        update.union_by_name(without_field_ids(columns))
+    assert iceberg_ids(load(store, cfg))["f32.element"] == 3  # numbered otherwise than the files
+    with OutputLock(store, 30):
+        with pytest.raises(OutputError, match=r"numbers its columns otherwise than the Parquet field ids") as no:
+            publish_output(store.url, None)
+    assert "\n" not in str(no.value) and load(store, cfg).current_snapshot() is None
+
+    plain = read_committed(store.url).sort_by("id")  # the same rows, written as files of before field ids
+    plain = plain.cast(without_field_ids(plain.schema))
+    path = store.path("data/written-before-field-ids.parquet")
+    pq.write_table(plain, path)
+    assert not file_field_ids_of_any(pq.read_schema(path))
+    with OutputLock(store, 30):
+        done = TablePublisher(cfg, store).publish([path])
+    assert done.added == 1
+    got = load(store, cfg).scan().to_arrow().sort_by("id")
+    for column in ("id", "f32", "i8", "bits", "n_tokens"):
+        assert got.column(column).to_pylist() == plain.column(column).to_pylist(), column
 
 
 def test_a_float16_vector_column_is_refused_in_one_line_naming_it(tmp_path, capsys):
