@@ -56,6 +56,7 @@ from typing import Any, Iterator
 
 import fsspec
 
+from common.credentials import CREDENTIAL_KEY
 from common.errors import ModelLoadError
 from common.object_version import object_version
 
@@ -70,7 +71,6 @@ TOKENIZER_FILES = frozenset({
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 
 
 def is_model_url(path: str) -> bool:
@@ -93,7 +93,7 @@ def _needed(name: str) -> bool:
 def _secrets(options: Any) -> Iterator[str]:
     if isinstance(options, dict):
         for k, v in options.items():
-            if isinstance(v, str) and _SECRET_KEY.search(str(k)) and len(v) >= 4:
+            if isinstance(v, str) and CREDENTIAL_KEY.search(str(k)) and len(v) >= 4:
                 yield v
             else:
                 yield from _secrets(v)

@@ -370,8 +370,9 @@ class CatalogConfig(Strict):
     name: str = Field(
         "embedrank", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
         description="The catalog's name; pyiceberg also reads its properties from ~/.pyiceberg.yaml and "
-        "PYICEBERG_CATALOG__<NAME>__<PROPERTY> environment variables, where credentials belong (this config, "
-        "table section included, is recorded in the output's _job.json).",
+        "PYICEBERG_CATALOG__<NAME>__<PROPERTY> environment variables, where credentials belong (the output's "
+        "_job.json records this config without credential-named properties and without a URI's password; "
+        "`embedrank publish` and `gc` get those from there).",
     )
     properties: dict[str, str] = Field(
         default_factory=dict,

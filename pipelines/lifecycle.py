@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, TextIO
 
+from common.credentials import without_credentials
 from common.errors import OutputError
 from pipelines.config import TARGET_FILE_MB, ComputeConfig, RunConfig, SourceConfig, TableConfig
 from pipelines.fingerprint import fingerprint_id
@@ -151,11 +152,17 @@ class JobSpec:
 
 
 def recorded_config(cfg: Any) -> dict[str, Any]:
-    """The config as stored in `_job.json`: storage options (credentials) are never written."""
+    """The config as stored in `_job.json`, without credentials: storage options are never written, and an
+    Iceberg catalog's properties lose their credential-named entries and any URL's password (`embedrank publish`
+    and `gc` reopen the catalog from this record; pyiceberg fills those in from `~/.pyiceberg.yaml` or
+    `PYICEBERG_CATALOG__<NAME>__<PROPERTY>` variables)."""
     data = cfg.model_dump(mode="json")
     for section in data.values():
         if isinstance(section, dict):
             section.pop("storage_options", None)
+            catalog = (section.get("table") or {}).get("catalog")
+            if catalog:
+                catalog["properties"] = without_credentials(catalog["properties"])
     return data
 
 
