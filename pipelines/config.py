@@ -232,7 +232,9 @@ class ComputeConfig(Strict):
         256, gt=0, description="Rows handed to a replica per call; sorted and cut by the token budget inside."
     )
     io_num_cpus: float = Field(
-        0.25, gt=0, description="CPUs reserved per read, tokenize and write task."
+        0.5, gt=0, description="CPUs reserved per read, tokenize and write task: a node runs at most its free CPUs "
+        "÷ this many at once, each in a Ray worker process of its own (started once per job, seconds of CPU "
+        "each). 0.5 gives two per free CPU; lower it for stores whose reads wait on the network.",
     )
 
     @model_validator(mode="after")

@@ -46,7 +46,7 @@ def fitted(view: ClusterView, **compute) -> tuple[int, int, float]:
 
 
 @pytest.mark.parametrize("cores, pool", [
-    (1, (1, 1, 0.75)),   # one I/O task's share stays free
+    (1, (1, 1, 0.5)),    # one I/O task's share stays free
     (2, (1, 1, 1.0)),    # this machine, and the test session's Ray: as the old default, 1 CPU left for I/O
     (4, (1, 1, 3.0)),
     (16, (2, 2, 7.0)),   # 2 CPUs for I/O, 14 for two 7-thread replicas: no core idle
@@ -153,8 +153,8 @@ def test_cpus_beyond_a_node():
 
 def test_a_replica_and_an_io_task_that_cannot_coexist():
     assert refusal(local(2), num_cpus=2).startswith(
-        "compute.num_cpus=2 leaves no CPU for the read, tokenize and write tasks (compute.io_num_cpus=0.25 each): "
-        "a replica and one of them need 2.25 CPUs on this Ray cluster")
+        "compute.num_cpus=2 leaves no CPU for the read, tokenize and write tasks (compute.io_num_cpus=0.5 each): "
+        "a replica and one of them need 2.5 CPUs on this Ray cluster")
     assert refusal(local(2), num_cpus=1, min_replicas=2).startswith(
         "compute.min_replicas=2 replicas of 1 CPU each do not fit on this Ray cluster beside one read, tokenize or "
         "write task")
