@@ -124,8 +124,8 @@ def summary(one: list[float], three: list[float]) -> dict[str, float]:
 
 def summary_line(label: str, s: dict[str, float], unit: float = 1.0, fmt: str = "{:.3f} s") -> str:
     return (f"  {label:<16} one {fmt.format(s['one'] * unit)}  three {fmt.format(s['three'] * unit)}  "
-            f"three/one {s['ratio']:.4f} (per repeat: median {s['ratio_median']:.4f}, IQR {s['q1']:.4f}-"
-            f"{s['q3']:.4f}, range {s['min']:.4f}-{s['max']:.4f})")
+            f"three/one per repeat: median {s['ratio_median']:.4f}, IQR {s['q1']:.4f}-{s['q3']:.4f}, "
+            f"range {s['min']:.4f}-{s['max']:.4f} (ratio of the medians {s['ratio']:.4f})")
 
 
 def stages(args) -> None:
@@ -236,8 +236,8 @@ def stages(args) -> None:
              "one: the single float32 1024 `embedding`; three: float16 1024 + int8 256 (ranges given, as on a "
              "resume) + ubinary 1024",
              f"{args.repeats} repeats over the same tokenized batches, one and three interleaved batch by batch "
-             "(order alternating), after an untimed warm-up; times are per repeat (all batches), medians; ratios "
-             "three/one of the medians, then the per-repeat ratios' median, IQR and range",
+             "(order alternating), after an untimed warm-up; times are per repeat (all batches), medians; three/one: "
+             "the per-repeat (paired) ratios' median, IQR and range, then the ratio of the medians",
              f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; "
              f"after {', '.join(f'{x:.2f}' for x in load_after)}",
              f"same forward pass: largest |float16 column - float32 embedding| = {same:.2e}",
@@ -261,9 +261,12 @@ def stages(args) -> None:
              "",
              f"Parquet bytes per row written: one {stored['one'] / n:.1f}, three {stored['three'] / n:.1f}",
              "",
-             f"goal: three <= 1.03 x one. replica + write, measured: {s['both']['ratio']:.4f} "
-             f"({'met' if s['both']['ratio'] <= 1.03 else 'NOT met'}); from the differing work: {1 + extra:.4f} "
-             f"({'met' if extra <= 0.03 else 'NOT met'})"]
+             f"goal: three <= 1.03 x one. replica + write, measured per repeat: median {s['both']['ratio_median']:.4f} "
+             f"(IQR {s['both']['q1']:.4f}-{s['both']['q3']:.4f}, range {s['both']['min']:.4f}-{s['both']['max']:.4f}; "
+             f"{'met' if s['both']['ratio_median'] <= 1.03 else 'NOT met'} by the median, "
+             f"{'the whole range within' if s['both']['max'] <= 1.03 else 'the range reaching past'} the goal: the "
+             "forward pass is the same work in both, so its spread is noise); from the differing work: "
+             f"{1 + extra:.4f} ({'met' if extra <= 0.03 else 'NOT met'})"]
     text = "\n".join(lines)
     print(text)
     path = os.path.join(os.path.dirname(__file__), "results", f"cpu-vector-columns-stages-{dt.date.today()}.txt")
