@@ -1,7 +1,7 @@
 """Several vector columns from one forward pass: what three outputs cost against one, and what they store.
 
     python -m benchmarks.vector_columns [--docs 600] [--repeats 2]
-    python -m benchmarks.vector_columns --stages [--docs 600] [--repeats 7]
+    python -m benchmarks.vector_columns --stages [--docs 600] [--repeats 7]     # ~9 min on 2 shared cores
 
 One local Ray, one random-weight Qwen3 (hidden 1024, 2 layers, fp32, the real Qwen tokenizer), one corpus of
 real English words (lengths 8-120 words). Interleaved repeats of three `embedrank embed` runs into fresh outputs:
@@ -24,8 +24,11 @@ model and corpus: the replica (`EmbedReplica`, the settings the job's config bui
 replica sets them) called on identical tokenized batches for one and for three columns, and the write stage's
 Parquet encoding of each output piece (`pipelines.output.pieces._parquet_bytes`, the replica's batch as one
 piece), interleaved batch by batch (the order alternating), many repeats, medians and the spread of the
-per-repeat ratios; plus the column building alone (`vectors_to_arrow` against `vector_columns` on the same
-pooled vectors), the one part of the replica whose work differs. Writes
+per-repeat ratios. The replica's time is split into its forward pass (`Embedder.stats.forward_s`: the same
+computation for both, so the spread of its ratio is the machine's noise) and the rest (reading the ids, building
+the columns); the rest plus the write is the work that differs, and its extra as a share of one's replica + write
+estimates three/one without the forward pass's noise. The column building alone (`vectors_to_arrow` against
+`vector_columns` on the same pooled vectors) is timed too. Writes
 benchmarks/results/cpu-vector-columns-stages-<date>.txt.
 """
 
