@@ -270,11 +270,16 @@ def stages(args) -> None:
              f"{'the whole range within' if s['both']['max'] <= 1.03 else 'the range reaching past'} the goal: the "
              "forward pass is the same work in both, so its spread is noise); from the differing work: "
              f"{1 + extra:.4f} ({'met' if extra <= 0.03 else 'NOT met'})"]
+    _write_results(lines, args, "-stages", "--stages ")
+
+
+def _write_results(lines: list[str], args, suffix: str, flag: str) -> None:
+    """Print the report and write it, with the command that reproduces it, to benchmarks/results/."""
     text = "\n".join(lines)
     print(text)
-    path = os.path.join(os.path.dirname(__file__), "results", f"cpu-vector-columns-stages-{dt.date.today()}.txt")
+    path = os.path.join(os.path.dirname(__file__), "results", f"cpu-vector-columns{suffix}-{dt.date.today()}.txt")
     with open(path, "w") as fh:
-        fh.write(text + "\n\ncommand: python -m benchmarks.vector_columns --stages " +
+        fh.write(text + f"\n\ncommand: python -m benchmarks.vector_columns {flag}"
                  f"--docs {args.docs} --repeats {args.repeats} --calibration-rows {args.calibration_rows}\n")
 
 
@@ -353,12 +358,7 @@ def main() -> None:
               f"  ubinary 1024 (hamming) vs float32 1024: {overlap(top10(hamming), ref_full):.3f}",
               f"  float16 1024 (dot)    vs float32 1024: "
               f"{overlap(top10(matrix(table, 'embedding_f16').astype(np.float32)[queries] @ f32.T), ref_full):.3f}"]
-    text = "\n".join(lines)
-    print(text)
-    path = os.path.join(os.path.dirname(__file__), "results", f"cpu-vector-columns-{dt.date.today()}.txt")
-    with open(path, "w") as fh:
-        fh.write(text + "\n\ncommand: python -m benchmarks.vector_columns " +
-                 f"--docs {args.docs} --repeats {args.repeats} --calibration-rows {args.calibration_rows}\n")
+    _write_results(lines, args, "", "")
 
 
 if __name__ == "__main__":
