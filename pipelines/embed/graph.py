@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 from actors.replicas import EmbedReplica
-from common.model_cache import resolve_model_path
 from actors.tokenize import spec_digest, tokenizer_spec
 from common.columns import (
     EMBEDDING,
@@ -18,6 +17,7 @@ from common.columns import (
     REPLICA_STARTUP,
     TRUNCATED,
 )
+from common.model_cache import resolve_model_path
 from pipelines import graph
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.embed.stages import read_and_tokenize
