@@ -3,7 +3,7 @@
 A driver needs the spec once per job (`actors.tokenize.tokenizer_spec`), but building it means transformers'
 tokenizer loading, which imports torch: about 5 CPU-seconds and 400 MiB in every job process, for a result that
 depends only on a few small files. The entry's key is everything the spec is a function of: the bytes of the
-directory's non-weight files (tokenizer and config files), the revision asked for, and the versions of
+directory's tokenizer and config files, the revision asked for, and the versions of
 transformers and tokenizers that built it. A changed file or an upgraded library makes a new key, never a stale
 hit. An entry is written whole (a temporary file, then a rename), so drivers racing on one at worst build it
 twice. Hub ids are not cached: their files are only known once transformers has fetched them.
@@ -17,16 +17,16 @@ import importlib.metadata
 import os
 from collections.abc import Callable
 
-from common.model_cache import PICKLE_SUFFIXES, default_cache_root, is_weight_file
+from common.model_cache import TOKENIZER_FILES, default_cache_root
 
 SPECS_DIR = "tokenizer-specs"
 """The entries' folder, inside the node's model cache (`common.model_cache.default_cache_root`)."""
 
 
 def _key_files(path: str) -> list[str]:
-    """The directory's top-level files that a tokenizer load may read: all but weights and pickles."""
-    names = (n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n)))
-    return [n for n in names if not is_weight_file(n) and not n.endswith(PICKLE_SUFFIXES)]
+    """The directory's files that a tokenizer load reads (`TOKENIZER_FILES`, the set a URL model's tokenize
+    stage fetches), of those it has."""
+    return [n for n in sorted(TOKENIZER_FILES) if os.path.isfile(os.path.join(path, n))]
 
 
 def spec_key(path: str, revision: str | None) -> str:
