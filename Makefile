@@ -54,14 +54,16 @@ reader-envs: $(STAMP)
 
 # Two pytest workers (pytest-xdist), each with its own session Ray and S3 server; a test file stays on one worker
 # (its module fixtures are built once). Many tests wait on job processes, Ray starts and timeouts: on 2 cores
-# two workers finish the suite in far less time than one.
+# two workers finish the suite in far less time than one. --no-loadscope-reorder keeps tests/conftest.py's order
+# (the files of long tests first): xdist otherwise hands out the files with the most tests first, which left the
+# longest files (one or two tests each) for the end, one worker running them while the other sat idle.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium reader-envs
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # Markers in pyproject.toml; tests/conftest.py marks every test using ray_local, s3_server or s3_bucket `integration`.
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not integration and not slow and not gpu"
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not integration and not slow and not gpu"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
