@@ -50,6 +50,9 @@ FINGERPRINT = "embedrank.fingerprint_id"
 VERSION = "embedrank.version"
 OUTPUT = "embedrank.output"
 ITEMS = "embedrank.files"
+PROGRESS = "embedrank.progress"
+"""In the summary of a snapshot published while a job ran ("true"): each publication expires the progress
+snapshots before the table's current one, so that a long backfill's table keeps at most two of them."""
 ATTEMPTS = 10
 logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)  # "statistics missing" for every vector column
 TABLE_PROPERTIES = {
@@ -283,10 +286,12 @@ class TablePublisher:
                                   f"field ids of {url} (the table was made by an older embedrank); drop the table "
                                   "and run `embedrank publish` on the output to rebuild it")
 
-    def _summary(self, version: str | None) -> dict[str, str]:
+    def _summary(self, version: str | None, progress: bool = False) -> dict[str, str]:
         out = {EPOCH: str(self.epoch), FINGERPRINT: self.fingerprint_id}
         if version is not None:
             out[VERSION] = version
+        if progress:
+            out[PROGRESS] = "true"
         return out
 
     # -- fencing -------------------------------------------------------------------------------------------------
@@ -325,14 +330,18 @@ class TablePublisher:
             return {}
         return {task.file.file_path: task.file for task in table.scan().plan_files()}
 
-    def publish(self, files: list[str], *, version: str | None = None, tag: str | None = None) -> Published:
+    def publish(self, files: list[str], *, version: str | None = None, tag: str | None = None,
+                progress: bool = False) -> Published:
         """Bring the table to exactly `files` (full URLs of committed files): one snapshot adding what is new and
         removing what the commits no longer name (an overwrite when anything is removed or a `tag` is asked for,
         else an append); `tag` (an index version's name) names that snapshot. Nothing when the table holds
-        exactly these files (and the tag). Creates the table (schema from the first file) when it is missing."""
+        exactly these files (and the tag). Creates the table (schema from the first file) when it is missing.
+        `progress`: a publication while the job runs (marked `PROGRESS`). Any snapshot committed here expires, in
+        the same commit, the progress snapshots older than the table's current one (metadata only: no file is
+        deleted, and a reader still scanning one keeps its files)."""
         from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.table import _parquet_files_to_data_files
-        from pyiceberg.table.update.snapshot import ManageSnapshots
+        from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
         wanted = list(dict.fromkeys(files))
         schema = self._file_schema(wanted[0]) if wanted else None
@@ -373,7 +382,8 @@ class TablePublisher:
                 tx.set_properties(**{"schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
             if add or remove or table.current_snapshot() is None:
-                update = tx.update_snapshot(snapshot_properties=self._summary(version))
+                superseded = _superseded_progress(table)
+                update = tx.update_snapshot(snapshot_properties=self._summary(version, progress))
                 with (update.overwrite() if remove or tag else update.merge_append()) as producer:
                     for df in remove:
                         producer.delete_data_file(df)
@@ -385,6 +395,9 @@ class TablePublisher:
                     manage.remove_tag(tag)
                 manage.create_tag(tx.table_metadata.current_snapshot().snapshot_id, tag)
                 manage.commit()
+            if add or remove or table.current_snapshot() is None:
+                if superseded:
+                    ExpireSnapshots(tx).by_ids(superseded).commit()
             fence(self.storage)
             failpoints.hit("before_table_commit")
             try:
@@ -546,6 +559,15 @@ def expire_index_versions(storage: Storage, dropped: list[str], stream: TextIO |
     return expired
 
 
+def _superseded_progress(table: Any) -> list[int]:
+    """The progress snapshots of `table` but its current one, none that a tag or branch names."""
+    current = table.current_snapshot()
+    named = {ref.snapshot_id for ref in table.metadata.refs.values()}
+    return [s.snapshot_id for s in table.snapshots()
+            if s.summary and s.summary[PROGRESS] == "true" and s.snapshot_id not in named
+            and (current is None or s.snapshot_id != current.snapshot_id)]
+
+
 class ProgressPublisher:
     """While an embed job runs: every `publish_every_s`, the items committed so far (whole items only: a commit
     record names every file of its item) as one snapshot, so readers follow a backfill's progress."""
@@ -571,7 +593,7 @@ class ProgressPublisher:
             if self.publisher is None:
                 found = CommittedSet(self.storage, files, [], self.fingerprint, self.fp_id, None, self.cfg)
                 self.publisher = publishers(found, self.cfg)[0]
-            done = self.publisher.publish(files)
+            done = self.publisher.publish(files, progress=True)
         except (LockLost, OutputError):
             raise
         except Exception as exc:  # noqa: BLE001 - a catalog hiccup must not stop a backfill; the end publishes

@@ -27,7 +27,9 @@ from pipelines.output.reader import committed_files, committed_listing, read_com
 from pipelines.output.root import OutputRoot
 from pipelines.output.table import (
     EPOCH,
+    PROGRESS,
     VERSION,
+    ProgressPublisher,
     TablePublisher,
     claim_tables,
     expire_index_versions,
@@ -36,7 +38,7 @@ from pipelines.output.table import (
 )
 from pipelines.reindex.index import IndexRoot
 from pipelines.storage import Storage
-from support.late_writer import attempt, item, run_output
+from support.late_writer import FP, FP_ID, attempt, commit_of, item, run_output, write_piece
 from support.vector_output import HALF, POOLED, VECTORS, build_vector_output
 
 REPO = Path(__file__).resolve().parents[3]
@@ -107,6 +109,46 @@ def test_a_replaced_record_swaps_its_file_in_the_table(tmp_path):
     assert (second["table"]["added"], second["table"]["removed"]) == (1, 1)
     files = table_files(load(store, cfg))
     assert sorted(files) == sorted(committed_files(store.url)) and store.path(lost) not in files
+
+
+def test_progress_snapshots_are_expired_as_the_job_goes_and_the_last_ones_still_read(tmp_path):
+    """A long backfill publishes a progress snapshot every `publish_every_s`: each publication expires the progress
+    snapshots before the table's current one (the metadata JSON grows by each snapshot kept), so the table keeps
+    at most two while the job runs and one after the final publication; the claim and the final snapshot stay, and
+    what is kept reads back exactly its items."""
+    import io
+
+    store = Storage(str(tmp_path / "out"))
+    cfg = TableConfig(name="docs", publish_every_s=1)
+    items = [item(n) for n in range(1, 7)]
+    with OutputLock(store, 30):
+        root = OutputRoot(store)
+        commits = root.prepare(FP, FP_ID, items, {"output": {"table": cfg.model_dump()}}, None)
+        claim_tables(store, cfg)
+        progress = ProgressPublisher(cfg, store, FP, FP_ID, io.StringIO())
+        published = {}  # snapshot id -> the items it was published with
+        for it in items:
+            commits[it.item_id] = root.write_commit(commit_of(it, [write_piece(store, it)]))
+            progress(dict(commits), force=True)
+            published[load(store, cfg).current_snapshot().snapshot_id] = dict(commits)
+            marked = [s for s in load(store, cfg).snapshots() if s.summary[PROGRESS] == "true"]
+            assert len(marked) == min(len(published), 2), [s.snapshot_id for s in marked]
+        items.append(item(7))  # a last item after the last progress publication: the final one adds it
+        commits = run_output(root, items, recorded={"output": {"table": cfg.model_dump()}})
+        publish_output(store.url, store.storage_options, cfg)
+    table = load(store, cfg)
+    kept = table.snapshots()
+    assert len(published) == 6 and len(kept) == 3, [(s.snapshot_id, s.summary.additional_properties) for s in kept]
+    claim, *marked, final = kept  # the final publication expired all but the last progress snapshot, its parent
+    assert table_files(table, claim.snapshot_id) == [] and claim.summary[PROGRESS] is None
+    assert [s.snapshot_id for s in marked] == list(published)[-1:]
+    assert final.summary[PROGRESS] is None and final.snapshot_id == table.current_snapshot().snapshot_id
+    for snap in marked:  # the progress snapshots kept still read back exactly the items published with them
+        want = [store.path(f.path) for c in published[snap.snapshot_id].values() for f in c.files]
+        assert sorted(table_files(table, snap.snapshot_id)) == sorted(want)
+    assert sorted(table_files(table)) == sorted(committed_files(store.url)) and len(table_files(table)) == 7
+    with open(table.metadata_location.removeprefix("file://"), encoding="utf-8") as fh:
+        assert len(json.load(fh)["snapshots"]) == 3
 
 
 def _publish_cli(url: str, failpoint: str | None = None, options: dict | None = None) -> subprocess.CompletedProcess:
