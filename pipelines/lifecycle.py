@@ -34,7 +34,7 @@ from pipelines.cluster_view import dry_run_view, watch_pool
 from pipelines.driver_session import stop_deferred
 from pipelines.progress import Progress, Startup, startup_line
 from pipelines.ray_runtime import last_ray_start, map_on_cluster, run_task, stream_rows, view_for_job
-from pipelines.resources import PoolReport, dry_run_compute, fit_compute
+from pipelines.resources import PoolReport, dry_run_compute, fit_compute, size_pool
 from pipelines.storage import Storage
 
 
@@ -73,7 +73,9 @@ class Work:
     root: OutputRoot
     source: SourceConfig
     fingerprint: dict[str, Any]
-    build_graph: Callable[[list[WorkItem]], Any]
+    build_graph: Callable[[list[WorkItem], ComputeConfig], Any]
+    """The item graph of the items to process, its model pool as the compute section given (the run's, sized for
+    the items left)."""
     reused: dict[str, ItemCommit] = dataclasses.field(default_factory=dict)
     """Commit records written as they are, without processing (a reindex's unchanged items)."""
     before_new_work: Callable[[], Any] | None = None
@@ -173,8 +175,10 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
     if dry_run:
         spec.describe_dry_run(cfg, stream)
         return dry_run_summary(plan, dry_run_compute(cfg, lambda: dry_run_view(cfg.run)), stream)
-    # `auto` decided, impossible requests refused, the pool sized for an autoscaler: before any output is touched
-    cfg = fit_compute(cfg, view_for_job(cfg.run, stream), stream, len(plan.items))
+    # `auto` decided and impossible requests refused before any output is touched; the pool is sized for an
+    # autoscaler once the run knows how many items are left (`process_items`)
+    view = view_for_job(cfg.run, stream)
+    cfg = fit_compute(cfg, view, stream)
     with OutputLock(spec.lock_storage(cfg), cfg.run.lock_stale_s, stream,
                     allow_unconditional=cfg.run.allow_unconditional_store), \
             stop_deferred():  # the lock fences the roots' writes; a stop (signal) waits for the commit in hand
@@ -195,7 +199,7 @@ def run_job(spec: JobSpec, cfg: Any, *, dry_run: bool, stream: TextIO) -> dict[s
         outcome = process_items(plan=plan, work=work, recorded=recorded, run=cfg.run, label=spec.name,
                                 stream=stream, startup=startup, target_file_mb=target_file_mb(cfg),
                                 io_num_cpus=cfg.compute.io_num_cpus, on_commit=on_commit,
-                                max_replicas=cfg.compute.max_replicas)
+                                compute=cfg.compute, autoscaler=view.autoscaler)
         totals = dataclasses.replace(spec.after_items(cfg, work, outcome, stream),
                                      wall_s=round(outcome.progress.elapsed, 3))
         removed = close_output(work.root, outcome.commits, totals)
@@ -237,11 +241,12 @@ def merge_on_cluster(storage: Storage, target_file_bytes: float,
 def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunConfig, label: str,
                   stream: TextIO, startup: Startup | None = None, target_file_mb: float = TARGET_FILE_MB,
                   io_num_cpus: float = 1.0, on_commit: Callable[[dict[str, ItemCommit]], None] | None = None,
-                  max_replicas: int = 1) -> ItemsOutcome:
+                  compute: ComputeConfig, autoscaler: str = "none") -> ItemsOutcome:
     """Commit every item of `plan` exactly once, resuming from what is already committed; `startup` (the job's
     start-up phases) learns when Ray came up, the replicas' reports and the first item committed. Items that
     arrive in several pieces are merged into files of at most `target_file_mb` on the cluster before they
-    commit."""
+    commit. The graph's model pool is `compute` (fitted) sized for the items left and the cluster's `autoscaler`
+    (`ClusterView.autoscaler`)."""
     startup = startup or Startup()
     root = work.root
     fp_id = fingerprint_id(work.fingerprint)
@@ -278,9 +283,10 @@ def process_items(*, plan: Plan, work: Work, recorded: dict[str, Any], run: RunC
             record(commit)
         if committer.pending:
             pending = [s.item for s in committer.pending.values()]
-            progress.pool = PoolReport(max_replicas)
+            pool = size_pool(compute, autoscaler, len(pending), stream)
+            progress.pool = PoolReport(pool.max_replicas)
             with watch_pool(progress.pool, lambda: len(committer.pending)):
-                for row in stream_rows(lambda: work.build_graph(pending), run, pool=progress.pool):
+                for row in stream_rows(lambda: work.build_graph(pending, pool), run, pool=progress.pool):
                     piece = Piece.from_row(row)
                     startup.note_replicas(piece.replica_startup)
                     for commit in committer.add(piece):

@@ -248,21 +248,27 @@ def read_only_monitor(status: dict[str, Any]) -> bool:
     return bool(mapping) and all(kind == f"node_{node}" for node, kind in mapping.items())
 
 
-def fit_compute(cfg: Any, view: ClusterView, stream: TextIO, items: int | None = None) -> Any:
+def fit_compute(cfg: Any, view: ClusterView, stream: TextIO) -> Any:
     """`cfg` with its compute section fitted to `view` (the job's Ray, `ray_runtime.view_for_job`) and checked:
-    prints what `auto` chose; raises ResourceError for a request that Ray can never serve. With `items` (work
-    items planned), on a cluster with an autoscaler the pool's minimum is raised so that it asks for its replicas
-    at once (`pool_minimum`)."""
+    prints what `auto` chose; raises ResourceError for a request that Ray can never serve."""
     compute = fit(cfg.compute, view)
     check(compute, view)
     if cfg.compute.auto_fields:
         print(describe_fit(cfg.compute, compute, view), file=stream, flush=True)
-    if items is not None and (minimum := pool_minimum(compute, view.autoscaler, items)) != compute.min_replicas:
-        print(f"compute: the cluster's autoscaler adds nodes: the model pool asks for {minimum} replica(s) at once "
-              f"(min_replicas {compute.min_replicas} -> {minimum}; {items} item(s) planned, max_replicas "
-              f"{compute.max_replicas}), so that their nodes are launched together", file=stream, flush=True)
-        compute = compute.model_copy(update={"min_replicas": minimum})
     return cfg.model_copy(update={"compute": compute})
+
+
+def size_pool(compute: ComputeConfig, autoscaler: str, items: int, stream: TextIO) -> ComputeConfig:
+    """The fitted `compute` of a run with `items` work items left to process (a resume counts only those): on a
+    cluster whose autoscaler adds nodes, the pool's minimum raised so that it asks for its replicas at once
+    (`pool_minimum`), said in one line."""
+    minimum = pool_minimum(compute, autoscaler, items)
+    if minimum == compute.min_replicas:
+        return compute
+    print(f"compute: the cluster's autoscaler adds nodes: the model pool asks for {minimum} replica(s) at once "
+          f"(min_replicas {compute.min_replicas} -> {minimum}; {items} item(s) to process, max_replicas "
+          f"{compute.max_replicas}), so that their nodes are launched together", file=stream, flush=True)
+    return compute.model_copy(update={"min_replicas": minimum})
 
 
 def dry_run_compute(cfg: Any, view: Callable[[], ClusterView]) -> ComputeConfig:

@@ -57,11 +57,12 @@ class EmbedJob(JobSpec):
             cfg = cfg.model_copy(update={"output": output})
             fingerprint = embed_fingerprint(cfg)
 
-        def build_graph(items):
+        def build_graph(items, compute):
             args = tokenizer.get()  # the prefetch imported the graph module too (no torch: `actors.replicas`)
             from pipelines.embed.graph import build_embed_graph
 
-            return build_embed_graph(cfg, items, root.storage, fingerprint, tokenizer=args)
+            return build_embed_graph(cfg.model_copy(update={"compute": compute}), items, root.storage, fingerprint,
+                                     tokenizer=args)
 
         return Work(root=root, source=cfg.input, fingerprint=fingerprint, build_graph=build_graph,
                     prefetch=tokenizer.start, recorded=recorded_config(cfg))

@@ -298,8 +298,9 @@ class ReindexJob(JobSpec):
                    for item, c in kept.items()}
         return Work(root=vroot, source=cfg.input, fingerprint=fingerprint, reused=rebased,
                     recorded=recorded_config(cfg),
-                    build_graph=lambda todo: build_reindex_graph(embed_cfg, todo, vroot.storage, fingerprint, fp_id,
-                                                                 carry_from, index.storage, vector_types),
+                    build_graph=lambda todo, compute: build_reindex_graph(
+                        embed_cfg.model_copy(update={"compute": compute}), todo, vroot.storage, fingerprint, fp_id,
+                        carry_from, index.storage, vector_types),
                     state=attempt)
 
     def after_items(self, cfg: ReindexJobConfig, work: Work, outcome: ItemsOutcome, stream: TextIO) -> Totals:

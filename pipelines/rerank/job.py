@@ -121,7 +121,8 @@ class RerankJob(JobSpec):
         root = OutputRoot(self.lock_storage(cfg))
         fingerprint = rerank_fingerprint(cfg)
         return Work(root=root, source=cfg.input, fingerprint=fingerprint,
-                    build_graph=lambda items: build_score_graph(cfg, items, doc_items, root.storage, fingerprint),
+                    build_graph=lambda items, compute: build_score_graph(
+                        cfg.model_copy(update={"compute": compute}), items, doc_items, root.storage, fingerprint),
                     before_new_work=root.drop_rank_commits, reject_id_columns=("query_id", "doc_id"),
                     state=plan.item_order())
 

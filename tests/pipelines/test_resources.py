@@ -18,7 +18,7 @@ from common.errors import ResourceError
 from pipelines.config import ComputeConfig, ConfigError, load_config
 from pipelines.embed.config import EmbedJobConfig
 from pipelines.cluster_view import local_view
-from pipelines.resources import ClusterView, check, describe_fit, fit, pending_line, read_only_monitor
+from pipelines.resources import ClusterView, check, describe_fit, fit, pending_line, read_only_monitor, size_pool
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -172,6 +172,21 @@ def test_with_an_autoscaler_its_node_types_are_what_counts():
     assert "has 96 CPUs" in refusal(types, num_gpus=1, num_cpus=128)
     unknown = ClusterView(now, "unknown")  # the cluster launcher's autoscaler does not expose its node types
     check(fit(ComputeConfig(num_gpus=1, num_cpus=128), unknown), unknown)
+
+
+def test_on_an_autoscaling_cluster_the_pool_asks_at_once_for_what_the_items_left_can_use():
+    """The pool's minimum on a cluster whose autoscaler adds nodes is min(max_replicas, items left), never below the
+    user's min_replicas; a resume with one item left asks for one replica's node, not max_replicas nodes; a Ray
+    without an autoscaler keeps min_replicas."""
+    compute = ComputeConfig(num_gpus=1, min_replicas=1, max_replicas=4, num_cpus=1, num_threads=1)
+    said = io.StringIO()
+    assert size_pool(compute, "types", 100, said).min_replicas == 4
+    assert "asks for 4 replica(s) at once (min_replicas 1 -> 4; 100 item(s) to process" in said.getvalue()
+    assert size_pool(compute, "types", 3, io.StringIO()).min_replicas == 3
+    quiet = io.StringIO()
+    assert size_pool(compute, "types", 1, quiet) is compute and quiet.getvalue() == ""  # the resume's last item
+    assert size_pool(compute.model_copy(update={"min_replicas": 2}), "types", 1, io.StringIO()).min_replicas == 2
+    assert size_pool(compute, "none", 100, io.StringIO()).min_replicas == 1
 
 
 def test_the_read_only_monitor_means_a_fixed_cluster():

@@ -70,7 +70,8 @@ def parquet_corpus(s3_bucket, s3_server):
     return bucket, opts, expected_good, expected_bad
 
 
-def test_parquet_backfill_s3_to_s3_resume_and_refusal(ray_local, parquet_corpus, tiny_embedding_model, s3_server):
+def test_parquet_backfill_s3_to_s3_resume_and_refusal(ray_local, parquet_corpus, tiny_embedding_model, s3_server,
+                                                     monkeypatch):
     bucket, opts, good, bad = parquet_corpus
     out = f"s3://{bucket}/vectors/v1"
     cfg = job([f"s3://{bucket}/corpus/*.parquet"], out, opts, tiny_embedding_model)
@@ -121,8 +122,22 @@ def test_parquet_backfill_s3_to_s3_resume_and_refusal(ray_local, parquet_corpus,
     dropped = [json.loads(fs.cat(c))["item"] for c in commits[2:4]]
     fs.rm(commits[2:4])
     fs.pipe(f"{bucket}/vectors/v1/data/orphan-0-0-abc.parquet", b"left by a crash")
-    resumed = run_embed(cfg)
+    # the resume sized for a cluster whose autoscaler adds nodes (as the session's Ray were one): its model pool
+    # asks at once for what the 2 items left can use, not for what the 5 planned could (3 replicas' nodes)
+    import dataclasses
+
+    import pipelines.lifecycle as lifecycle
+
+    real_view = lifecycle.view_for_job
+    monkeypatch.setattr(lifecycle, "view_for_job",
+                        lambda *a, **k: dataclasses.replace(real_view(*a, **k), autoscaler="types"))
+    wider = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"max_replicas": 3, "num_cpus": 0.5})})
+    said = io.StringIO()
+    resumed = run_embed(wider, stream=said)
+    monkeypatch.undo()
     assert resumed["items_processed"] == 2 and resumed["items_skipped"] == 3
+    assert "the model pool asks for 2 replica(s) at once (min_replicas 1 -> 2; 2 item(s) to process, " \
+           "max_replicas 3)" in said.getvalue(), said.getvalue()
     assert sorted(json.loads(fs.cat(c))["item"] for c in sorted(fs.ls(f"{bucket}/vectors/v1/{COMMITS_DIR}"))
                   if json.loads(fs.cat(c))["item"] in dropped) == sorted(dropped)
     assert not fs.exists(f"{bucket}/vectors/v1/data/orphan-0-0-abc.parquet")
