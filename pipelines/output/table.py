@@ -381,8 +381,9 @@ class TablePublisher:
             if tx.table_metadata.name_mapping() is None:
                 tx.set_properties(**{"schema.name-mapping.default":
                                      tx.table_metadata.schema().name_mapping.model_dump_json()})
-            if add or remove or table.current_snapshot() is None:
-                superseded = _superseded_progress(table)
+            committing = bool(add or remove) or table.current_snapshot() is None
+            superseded = _superseded_progress(table) if committing else []
+            if committing:
                 update = tx.update_snapshot(snapshot_properties=self._summary(version, progress))
                 with (update.overwrite() if remove or tag else update.merge_append()) as producer:
                     for df in remove:
@@ -395,9 +396,8 @@ class TablePublisher:
                     manage.remove_tag(tag)
                 manage.create_tag(tx.table_metadata.current_snapshot().snapshot_id, tag)
                 manage.commit()
-            if add or remove or table.current_snapshot() is None:
-                if superseded:
-                    ExpireSnapshots(tx).by_ids(superseded).commit()
+            if superseded:
+                ExpireSnapshots(tx).by_ids(superseded).commit()
             fence(self.storage)
             failpoints.hit("before_table_commit")
             try:
