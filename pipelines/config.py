@@ -395,5 +395,5 @@ class TableConfig(Strict):
                       description="The table's name; rejects go to `<name>_rejects`.")
     publish_every_s: float = Field(
         300.0, gt=0, description="While an embed job runs, publish the items committed so far this often (one "
-        "snapshot of whole items); always at the end.",
+        "snapshot of whole items, each expiring the progress snapshots before the last); always at the end.",
     )
