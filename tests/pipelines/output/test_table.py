@@ -114,8 +114,8 @@ def test_a_replaced_record_swaps_its_file_in_the_table(tmp_path):
 def test_progress_snapshots_are_expired_as_the_job_goes_and_the_last_ones_still_read(store, tmp_path):
     """A long backfill publishes a progress snapshot every `publish_every_s`: each publication expires the progress
     snapshots before the table's current one (the metadata JSON grows by each snapshot kept), so the table keeps
-    at most two while the job runs and one after the final publication; the claim and the final snapshot stay, and
-    what is kept reads back exactly its items."""
+    at most two, and one after a final publication that adds files; the claim and the final snapshot stay, and what
+    is kept reads back exactly its items."""
     import io
 
     cfg = table_config(store, tmp_path).model_copy(update={"publish_every_s": 1})
